@@ -1,0 +1,169 @@
+"""The Flask app: Label Studio's ML-backend protocol (the 2.x one) over ``S4ALBackend``.
+
+Routes: ``GET /`` and ``GET /health`` -> ``{"status": "UP", "model_class": ...}``;
+``POST /setup`` -> ``{"model_version"}``; ``POST /predict`` -> ``{"results": [...]}`` (one
+item per task, in order); ``POST /webhook`` -> ``backend.fit(event, data)``;
+``GET /metrics``; ``GET /status?project=<id>`` -> ``backend.status(project)``.
+
+Errors are JSON ``{"error": message, "status": code}``: 4xx for the caller's faults
+(malformed JSON, missing fields, a label config without an image + brush control), 503
+when a model cannot be loaded, 500 (logged with its traceback, message withheld) for
+bugs. With BASIC_AUTH_USER/PASS every route asks for them except ``/health`` (container
+health checks) and ``/webhook`` (Label Studio posts its webhooks without credentials; they
+only ever enqueue work, and the work rereads Label Studio).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .backend import BadRequest, ModelUnavailable, Runtime, S4ALBackend
+from .settings import Settings
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+NO_AUTH_PATHS = ("/health", "/webhook")
+
+
+def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> Flask:
+    settings = settings or Settings.from_env()
+    for name in ("s4al_backend", "model"):
+        logging.getLogger(name).setLevel(settings.log_level)
+    runtime = Runtime(settings)
+    threading.Thread(target=runtime.warm_up, name="s4al-warm-up", daemon=True).start()
+    app = Flask("s4al_backend")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False
+    app.extensions["s4al"] = runtime
+
+    def backend(project=None, label_config=None):
+        return backend_class(project_id=project, label_config=label_config, runtime=runtime)
+
+    def body() -> dict:
+        data = request.get_json(silent=True, force=True)  # any content type
+        if not isinstance(data, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return data
+
+    # ------------------------------------------------------------ auth and logging
+    @app.before_request
+    def check_auth():
+        g.started = time.perf_counter()
+        expected = settings.basic_auth
+        if expected is None or request.path in NO_AUTH_PATHS:
+            return None
+        auth = request.authorization
+        user = (auth.username or "") if auth and auth.type == "basic" else ""
+        password = (auth.password or "") if auth and auth.type == "basic" else ""
+        ok_user = hmac.compare_digest(user.encode(), expected[0].encode())
+        ok_pass = hmac.compare_digest(password.encode(), expected[1].encode())
+        if not (ok_user and ok_pass):
+            response = jsonify({"error": "authentication required", "status": 401})
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Basic realm="s4al-backend"'
+            return response
+        return None
+
+    @app.after_request
+    def log_request(response: Response):
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        level = logging.INFO if request.path not in ("/health", "/") else logging.DEBUG
+        logger.log(level, "%s %s -> %d (%.3f s)", request.method, request.path,
+                   response.status_code, elapsed)
+        return response
+
+    # ------------------------------------------------------------ errors
+    def error(status: int, message: str):
+        response = jsonify({"error": message, "status": status})
+        response.status_code = status
+        return response
+
+    @app.errorhandler(BadRequest)
+    def bad_request(exc: BadRequest):
+        logger.warning("%s %s: %s", request.method, request.path, exc)
+        return error(exc.status, str(exc))
+
+    @app.errorhandler(ModelUnavailable)
+    def model_unavailable(exc: ModelUnavailable):
+        return error(503, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        logger.exception("%s %s failed", request.method, request.path)
+        return error(500, f"internal error ({type(exc).__name__}); see the backend's log")
+
+    # ------------------------------------------------------------ routes
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "UP", "model_class": backend_class.__name__})
+
+    @app.post("/setup")
+    def setup():
+        data = body()
+        schema = data.get("schema")
+        if not isinstance(schema, str) or not schema.strip():
+            raise BadRequest("/setup needs 'schema': the project's label config")
+        model = backend(data.get("project"), schema)
+        model.get_label_map()  # 400 naming what the config lacks
+        runtime.remember_config(model.project, schema)
+        runtime.remember_setup(data.get("hostname"), data.get("access_token"))
+        return jsonify({"model_version": model.model_version})
+
+    @app.post("/predict")
+    def predict():
+        data = body()
+        if "tasks" not in data:
+            raise BadRequest("/predict needs 'tasks'")
+        config = data.get("label_config")
+        if config is not None and not isinstance(config, str):
+            raise BadRequest("'label_config' must be the label config XML")
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("'params' must be an object")
+        context = params.get("context")
+        model = backend(data.get("project"), config)
+        if config:
+            runtime.remember_config(model.project, config)
+        results = model.predict(data["tasks"], context=context)
+        return jsonify({"results": results, "model_version": model.model_version})
+
+    @app.post("/webhook")
+    def webhook():
+        data = body()
+        event = data.get("action")
+        if not isinstance(event, str) or not event:
+            raise BadRequest("the webhook body has no 'action'")
+        project = data.get("project")
+        config = project.get("label_config") if isinstance(project, dict) else None
+        model = backend(project, config if isinstance(config, str) else None)
+        result = model.fit(event, data)
+        return jsonify(result)
+
+    @app.get("/status")
+    def status():
+        project = request.args.get("project")
+        return jsonify(backend(project).status(project))
+
+    @app.get("/metrics")
+    def metrics():
+        return jsonify({
+            "predict": runtime.stats.snapshot(),
+            "models": runtime.loaded_versions(),
+            "device": runtime.device,
+        })
+
+    return app

@@ -39,9 +39,9 @@
    (a task opened, or a manual "retrieve predictions"); and the Data Manager's sort by
    prediction score (uncertainty order) needs a score of the current version on every
    task. Because the version pushed equals the one `/setup` answers, Label Studio does not
-   ask `/predict` again for these tasks. If the project's own `model_version` (Settings >
-   Predictions) names one of our versions, it moves to the new one, so Label Studio's
-   uncertainty sampling follows; if it names the ML backend (live predictions), it stays.
+   ask `/predict` again for these tasks. The project's own `model_version` then moves to
+   the new version (the Data Manager scores and sorts only that version's predictions),
+   unless it names predictions another source stored in the project.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ class Cycle:
         self.timed("acquire_s", t0)
         t0 = time.monotonic()
         created = self.push_regions(label_map, regions, version)
-        followed = self.follow_version(info, version)
+        followed = self.follow_version(info, version, tasks)
         self.timed("push_s", t0)
         return {
             **summary,
@@ -654,14 +654,20 @@ class Cycle:
             })
         return out
 
-    def follow_version(self, info: dict, version: str) -> str | None:
-        """When the project's `model_version` names one of our versions (someone chose our
-        predictions in the project's settings, so Label Studio shows them and its
-        uncertainty sampling ranks by their scores), move it to the new version. When it
-        names the ML backend (live predictions from /predict) or anything else, leave it."""
+    def follow_version(self, info: dict, version: str, tasks: list[dict]) -> str | None:
+        """Point the project's `model_version` at the new version. Label Studio's Data
+        Manager shows and sorts by a prediction score only for predictions of that version
+        (uncertainty order), and on connect it sets it to the backend's title, which no
+        stored prediction carries. Leave it alone only when it names predictions that some
+        other source stored in the project (the user chose those)."""
         current = info.get("model_version")
-        if not _is_our_version(current) or current == version:
-            return current or None
+        if current == version:
+            return current
+        foreign = not _is_our_version(current) and any(
+            (p or {}).get("model_version") == current
+            for t in tasks for p in t.get("predictions") or [])
+        if current and foreign:
+            return current
         self.studio.set_model_version(self.project, version)
         log.info("project %s: project model_version %s -> %s", self.project, current, version)
         return version

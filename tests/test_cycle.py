@@ -152,10 +152,9 @@ def test_one_cycle_end_to_end(studio, tmp_path):
         studio.add_annotation(task["id"], mask_to_results(truth, label_map))
         expected += labelled_pixels(
             truth[data["y"]:data["y"] + data["h"], data["x"]:data["x"] + data["w"]])
-    assert studio.projects[project]["model_version"] == ""  # not ours to set
-    studio.projects[project]["model_version"] = version  # chosen in the project settings
+    # the Data Manager scores only the project's model_version: it follows each version
+    assert studio.projects[project]["model_version"] == version
     result2 = run_cycle(settings, project, reason="two regions annotated")
-    # ... so it follows the new version (Label Studio's uncertainty sampling uses it)
     assert studio.projects[project]["model_version"] == result2["version"]
     print(f"cycle 2: timings {result2['timings']}")
     assert result2["version"] != version and store.current() == result2["version"]

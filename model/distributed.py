@@ -1,0 +1,931 @@
+"""Distributed training helpers: one process per device, launched by ``torchrun``.
+
+Everything here is a no-op (or the identity) in a plain single process, so training code
+calls these helpers unconditionally and the same code runs on 1 CPU, 1 GPU or N GPUs.
+
+Ranks, devices, backends
+    ``init_distributed()`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), picks ``nccl`` when the process trains on CUDA and ``gloo``
+    otherwise, binds the process to ``cuda:LOCAL_RANK`` and returns a :class:`DistContext`.
+    Without WORLD_SIZE > 1 it starts nothing and returns a world of one.
+
+What stays identical on every rank, and why
+    - Student (and friend): DDP broadcasts rank 0's parameters and buffers when it wraps
+      the module and averages gradients every step, so the optimiser steps are identical.
+      Gloo's and NCCL's all-reduce hand every rank the same bits, so the student's
+      parameters stay bitwise equal.
+    - EMA teacher: it is built from the (broadcast) student, or broadcast explicitly with
+      :func:`broadcast_module`, and each update is a deterministic function of the
+      student's parameters, so it stays bitwise identical too. BatchNorm *buffers* are the
+      exception: each rank's running statistics see only its own shard. With SyncBatchNorm
+      (:func:`convert_sync_batchnorm`) they are computed from the global batch and are
+      equal everywhere; without it, call :func:`sync_buffers` on the teacher after its EMA
+      update (rank 0's buffers win, which is also what rank 0 checkpoints).
+    - Data: :class:`InfiniteShardedSampler` cuts one seeded global index stream into
+      strided per-rank shards, so the union of the ranks' batches at step t is exactly the
+      batch a single process with the global batch size draws at step t.
+
+Per-rank state, on purpose
+    - Replay buffers (Balanced ClassMix) are per rank. Filling a shared buffer would mean
+      moving image-sized tensors between ranks every iteration, which costs more than the
+      step itself over Ethernet; each rank only ever adds images from its own disjoint
+      shard, so the union of per-rank buffers is an unbiased sample of the pool just like a
+      single buffer. Give each rank ``split_evenly(M)`` slots: the total memory and the
+      history the buffers cover (M / global batch iterations) then match one process with
+      buffer size M and the same global batch.
+    - Random augmentation and ClassMix draws: seed each rank differently
+      (:func:`rank_seed`), otherwise every rank applies the same crops and class picks.
+
+Writes
+    Only rank 0 writes checkpoints, metrics and progress (:func:`is_main_process`,
+    :func:`main_process_only`); the others wait at :func:`barrier` where they must.
+
+Launching
+    :func:`torchrun_command` builds the command line for N local processes (or one node of
+    a multi-node job with a rendezvous endpoint); ``python -m model.distributed run-cycle``
+    is the per-rank entry point that runs one ``train_cycle`` from a payload file written
+    by :func:`launch_train_cycle` (docs/DISTRIBUTED.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+T = TypeVar("T")
+
+__all__ = [
+    "DistContext",
+    "InfiniteShardedSampler",
+    "PortableSyncBatchNorm",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "assert_same_on_all_ranks",
+    "average_gradients",
+    "barrier",
+    "bn_module_count",
+    "broadcast_module",
+    "cleanup_distributed",
+    "convert_sync_batchnorm",
+    "current_context",
+    "default_backend",
+    "env_world",
+    "get_rank",
+    "get_world_size",
+    "has_sync_batchnorm",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+    "launch_train_cycle",
+    "main_process_only",
+    "rank_seed",
+    "revert_sync_batchnorm",
+    "split_evenly",
+    "state_digest",
+    "sync_buffers",
+    "torchrun_command",
+    "unwrap_model",
+    "wrap_ddp",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Process group and rank helpers
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job. A world of one when not distributed."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # True when init_distributed started the process group
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world(environ: dict[str, str] | None = None) -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's variables."""
+    env = os.environ if environ is None else environ
+
+    def read(name: str, default: int) -> int:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return int(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}={raw!r} is not an integer") from exc
+
+    world = read("WORLD_SIZE", 1)
+    rank = read("RANK", 0)
+    local_rank = read("LOCAL_RANK", rank)
+    local_world = read("LOCAL_WORLD_SIZE", world)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world, local_rank, local_world
+
+
+def default_backend(device: torch.device | str) -> str:
+    """``nccl`` for CUDA devices, ``gloo`` for everything else (CPU)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def rank_seed(seed: int, rank: int | None = None) -> int:
+    """Seed for this rank's random augmentation / mixing (rank 0 keeps ``seed``)."""
+    return int(seed) + 1_000_003 * (get_rank() if rank is None else rank)
+
+
+def _resolve_device(
+    device: torch.device | str | None, local_rank: int, distributed: bool = False
+) -> torch.device:
+    """cuda:LOCAL_RANK under torchrun (an explicit index is ignored there: choose GPUs
+    with CUDA_VISIBLE_DEVICES), the given device otherwise; "auto"/None picks CUDA."""
+    if device is None or str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        index = local_rank if distributed or device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} needs cuda:{index} but only "
+                f"{torch.cuda.device_count()} GPU(s) are visible"
+            )
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def current_context(device: torch.device | str | None = None) -> DistContext:
+    """The context of an already initialised process group (or a world of one)."""
+    rank, world, local_rank, local_world = env_world()
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        backend = dist.get_backend()
+    else:
+        rank, world, backend = 0, 1, None
+    return DistContext(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank if world > 1 else 0,
+        local_world_size=local_world if world > 1 else 1,
+        backend=backend,
+        device=_resolve_device(device, local_rank if world > 1 else 0, world > 1),
+    )
+
+
+def init_distributed(
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+    timeout_s: float = 1800.0,
+) -> DistContext:
+    """Join the job torchrun started; a world of one when WORLD_SIZE is unset or 1.
+
+    ``device``: None/"auto" (CUDA when available), "cpu" (forces gloo) or "cuda".
+    ``backend``: None picks nccl on CUDA, gloo otherwise.
+    """
+    rank, world, local_rank, local_world = env_world()
+    if dist.is_available() and dist.is_initialized():
+        return current_context(device)
+    if world == 1:
+        return DistContext(device=_resolve_device(device, 0))
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    dev = _resolve_device(device, local_rank, distributed=True)
+    backend = backend or default_backend(dev)
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = dev  # eager NCCL communicator bound to this GPU
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+    return DistContext(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=local_world,
+        backend=backend,
+        device=dev,
+        owns_group=True,
+    )
+
+
+def cleanup_distributed(ctx: DistContext | None = None) -> None:
+    """Destroy the process group if ``ctx`` started it (or, with no ctx, if one exists)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ctx is None or ctx.owns_group:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
+    """Decorator: run ``fn`` on rank 0 only; other ranks get None (no barrier)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        if is_main_process():
+            return fn(*args, **kwargs)
+        return None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------
+# Collectives on tensors and modules
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity in one process); returns the tensor."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = None) -> float:
+    """Mean of a scalar over ranks, for logging (one collective)."""
+    if not is_distributed():
+        return float(value)
+    if device is None:
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if (dist.get_backend() == "nccl")
+            else torch.device("cpu")
+        )
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).detach().clone().reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / dist.get_world_size()
+
+
+@torch.no_grad()
+def average_gradients(parameters: Any) -> None:
+    """Average ``.grad`` over ranks in place (one coalesced all-reduce per dtype), for
+    networks trained outside DDP (e.g. with their own optimiser on a side loss). Every
+    rank must call it with the same parameters; a missing gradient counts as zero."""
+    if not is_distributed():
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    world = dist.get_world_size()
+
+    def mean(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+
+    _coalesced([p.grad for p in params], mean)
+
+
+def _module_tensors(module: nn.Module, params: bool, buffers: bool) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    if params:
+        out.extend(p.data for p in module.parameters())
+    if buffers:
+        out.extend(b for b in module.buffers())
+    return out
+
+
+def _coalesced(tensors: list[torch.Tensor], op: Callable[[torch.Tensor], None]) -> None:
+    """Apply a collective to tensors grouped by (device, dtype) in one flat buffer each."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        op(flat)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+
+@torch.no_grad()
+def broadcast_module(
+    module: nn.Module, src: int = 0, params: bool = True, buffers: bool = True
+) -> nn.Module:
+    """Copy rank ``src``'s parameters and buffers to every rank (in place); returns module.
+
+    Use it for modules DDP does not own (the EMA teacher, a frozen friend), right after
+    they are built, so every rank starts from the same weights.
+    """
+    if is_distributed():
+        _coalesced(
+            _module_tensors(unwrap_model(module), params, buffers),
+            lambda flat: dist.broadcast(flat, src=src),
+        )
+    return module
+
+
+@torch.no_grad()
+def sync_buffers(module: nn.Module, mode: str = "broadcast", src: int = 0) -> nn.Module:
+    """Make BatchNorm running statistics (all buffers) equal on every rank.
+
+    ``mode="broadcast"``: rank ``src``'s buffers everywhere (what rank 0 checkpoints).
+    ``mode="mean"``: average floating-point buffers; integer ones (num_batches_tracked)
+    are broadcast. Needed for the EMA teacher when BatchNorm is not synchronised.
+    """
+    if not is_distributed():
+        return module
+    if mode not in ("broadcast", "mean"):
+        raise ValueError(f"mode must be 'broadcast' or 'mean', got {mode!r}")
+    bufs = _module_tensors(unwrap_model(module), params=False, buffers=True)
+    if mode == "broadcast":
+        _coalesced(bufs, lambda flat: dist.broadcast(flat, src=src))
+        return module
+    world = dist.get_world_size()
+
+    def mean(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+
+    _coalesced([b for b in bufs if b.is_floating_point()], mean)
+    _coalesced([b for b in bufs if not b.is_floating_point()], lambda f: dist.broadcast(f, src=src))
+    return module
+
+
+def state_digest(module: nn.Module | dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's bytes in state_dict order: equal digests = bitwise equal.
+    Pass ``dict(module.named_parameters())`` to leave the buffers out."""
+    state = module if isinstance(module, dict) else unwrap_model(module).state_dict()
+    h = hashlib.sha256()
+    for key, value in state.items():
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def assert_same_on_all_ranks(
+    module: nn.Module | dict[str, torch.Tensor], what: str = "module"
+) -> str:
+    """Raise RuntimeError unless ``module``'s state (or a dict of tensors) is bitwise
+    equal on every rank; returns the digest. One small all-gather."""
+    digest = state_digest(module)
+    if not is_distributed():
+        return digest
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        differing = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"{what} differs between rank 0 and rank(s) {differing}")
+    return digest
+
+
+# ---------------------------------------------------------------------------------------
+# Models: DDP and synchronised BatchNorm
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def wrap_ddp(
+    module: nn.Module,
+    ctx: DistContext | None = None,
+    *,
+    find_unused_parameters: bool = False,
+    broadcast_buffers: bool | None = None,
+    static_graph: bool = False,
+) -> nn.Module:
+    """DistributedDataParallel around ``module`` when distributed, else ``module`` itself.
+
+    Wrapping broadcasts rank 0's parameters and buffers. ``broadcast_buffers`` defaults to
+    False when the module already uses SyncBatchNorm (its statistics are global) and True
+    otherwise (rank 0's running statistics are re-broadcast at each forward).
+    Several forward calls before one backward are fine (labelled + unlabelled + replay),
+    as long as every parameter gets a gradient each step or ``find_unused_parameters``.
+    """
+    if not is_distributed():
+        return module
+    ctx = ctx or current_context()
+    if broadcast_buffers is None:
+        broadcast_buffers = not has_sync_batchnorm(module)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # torch >= 2.14 renamed broadcast_buffers (per-forward buffer sync) forward_sync_buffers
+    ddp_params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    sync_kw = (
+        "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
+    )
+    return nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=device_ids,
+        output_device=device_ids[0] if device_ids else None,
+        **{sync_kw: broadcast_buffers},
+        find_unused_parameters=find_unused_parameters,
+        gradient_as_bucket_view=True,
+        static_graph=static_graph,
+    )
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is again the sum over ranks of the gradients (every
+    rank's loss depends on every rank's input through the global statistics)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the whole distributed batch, on any device.
+
+    torch's SyncBatchNorm only runs on GPUs; this one is written with an autograd-aware
+    all-reduce and so also works with gloo on CPU (two small collectives per layer: the
+    sums and counts, then the squared deviations; fp16/bf16 inputs are reduced in fp32).
+    It computes exactly what one process would compute on the concatenated batch
+    (unbiased variance for the running estimate), up to floating-point summation order.
+    In eval mode or a world of one it is plain BN.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not (self.training and is_distributed()):
+            return super().forward(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        x = input if input.dtype in (torch.float32, torch.float64) else input.float()
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        local_count = x.new_full((1,), float(x.numel() // x.size(1)))
+        stats = _AllReduceSum.apply(torch.cat([x.sum(dim=dims), local_count]))
+        count = stats[-1:].detach()
+        mean = stats[:-1] / count
+        centred = x - mean.reshape(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dim=dims)) / count
+        out = centred * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            out = out * self.weight.to(x.dtype).reshape(shape) + self.bias.to(x.dtype).reshape(
+                shape
+            )
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                n = float(count.item())
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        return out.to(input.dtype)
+
+
+def has_sync_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.SyncBatchNorm, PortableSyncBatchNorm)) for m in module.modules())
+
+
+def _swap_batchnorm(module: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace BatchNorm layers by ``make(layer)``, which takes over the layer's very
+    parameter and buffer objects (an optimiser built before the swap keeps working)."""
+    new = make(module)
+    if new is not None:
+        for name, param in module.named_parameters(recurse=False):
+            setattr(new, name, param)
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(new, name, buf)
+        new.train(module.training)
+        if hasattr(module, "qconfig"):
+            new.qconfig = module.qconfig
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _swap_batchnorm(child, make))
+    return module
+
+
+def convert_sync_batchnorm(
+    module: nn.Module, device: torch.device | str | None = None, enabled: bool = True
+) -> nn.Module:
+    """Synchronise every BatchNorm over the process group (the SyncBatchNorm setting).
+
+    CUDA: ``torch.nn.SyncBatchNorm``; other devices: :class:`PortableSyncBatchNorm`. A
+    no-op when ``enabled`` is False or the world has one process. State-dict keys do not
+    change, so checkpoints load into the plain network. Call it before :func:`wrap_ddp`.
+    """
+    if not enabled or not is_distributed():
+        return module
+    if device is None:
+        p = next(module.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+    def make(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            m, (PortableSyncBatchNorm, nn.SyncBatchNorm)
+        ):
+            return PortableSyncBatchNorm(
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
+            )
+        return None
+
+    return _swap_batchnorm(module, make)
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Back to plain ``BatchNorm2d`` (for export, inference or a non-distributed copy)."""
+
+    def make(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, (nn.SyncBatchNorm, PortableSyncBatchNorm)):
+            return nn.BatchNorm2d(
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
+            )
+        return None
+
+    return _swap_batchnorm(module, make)
+
+
+# ---------------------------------------------------------------------------------------
+# Data sharding
+
+
+class InfiniteShardedSampler(Sampler[int]):
+    """Endless indices for one rank: a strided slice of one seeded global stream.
+
+    The global stream is the concatenation of per-epoch permutations of ``range(size)``
+    (seeded by ``seed`` and the epoch, identical on every rank, so no epoch padding is
+    ever needed). Rank r yields stream positions r, r + W, r + 2W, ... With a per-rank
+    batch b, the ranks' batches at step t together are exactly positions
+    [t*W*b, (t+1)*W*b) of the stream: what one process with batch W*b draws at step t.
+    ``start`` resumes at a global stream position (rank r then starts at start + r).
+    ``shuffle=False`` uses ``range(size)`` for every epoch.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: int = 0,
+    ) -> None:
+        if size <= 0:
+            raise ValueError("InfiniteShardedSampler needs a non-empty dataset")
+        self.size = int(size)
+        self.rank = get_rank() if rank is None else int(rank)
+        self.world_size = get_world_size() if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.start = int(start)  # global stream position to resume from
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start + self.rank
+        epoch, order = -1, []
+        while True:
+            e, i = divmod(position, self.size)
+            if e != epoch:
+                epoch, order = e, self.epoch_order(e).tolist()
+            yield order[i]
+            position += self.world_size
+
+
+def split_evenly(total: int, rank: int | None = None, world_size: int | None = None) -> int:
+    """This rank's share of ``total`` (e.g. replay-buffer slots): shares sum to ``total``."""
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world_size is None else world_size
+    base, extra = divmod(int(total), world)
+    return base + (1 if rank < extra else 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Launching with torchrun
+
+
+def torchrun_command(
+    args: Sequence[str],
+    nproc_per_node: int,
+    *,
+    module: str | None = None,
+    nnodes: int | str = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
+    rdzv_backend: str = "c10d",
+    max_restarts: int = 0,
+    python: str | None = None,
+) -> list[str]:
+    """``python -m torch.distributed.run ...`` for ``python -m module args``.
+
+    One node: ``--standalone`` (a local rendezvous on a free port). Several nodes: give
+    ``nnodes`` (e.g. 2 or "1:4") and ``rdzv_endpoint`` ("host:port" of any one node) and
+    the same ``rdzv_id`` on every node (docs/DISTRIBUTED.md).
+    """
+    if nproc_per_node < 1:
+        raise ValueError("nproc_per_node must be >= 1")
+    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    if rdzv_endpoint is None:
+        if str(nnodes) not in ("1", "1:1"):
+            raise ValueError("several nodes need rdzv_endpoint='host:port'")
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--rdzv-backend={rdzv_backend}",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id or 's4al'}",
+        ]
+    cmd += [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        f"--max-restarts={max_restarts}",
+    ]
+    if module is not None:
+        cmd += ["-m", module]
+    cmd += list(args)
+    return cmd
+
+
+def bn_module_count(module: nn.Module) -> int:
+    """Number of BatchNorm layers (plain or synchronised), for logging."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+# ---------------------------------------------------------------------------------------
+# One training cycle on N local processes (the RQ job's NUM_GPUS > 1 path)
+
+PROGRESS_PREFIX = "S4AL_PROGRESS "
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_train_cycle(
+    nproc_per_node: int,
+    config: Any,
+    labelled: Sequence[Any],
+    unlabelled: Sequence[Any],
+    num_classes: int,
+    val: Sequence[Any] | None = None,
+    init_state: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
+    *,
+    workdir: str | Path | None = None,
+    timeout_s: float | None = None,
+    log: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+    nnodes: int | str = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
+) -> Any:
+    """``model.train.train_cycle`` on ``nproc_per_node`` processes started by torchrun.
+
+    Same arguments and result (a ``TrainResult``) as ``train_cycle``. The inputs go to the
+    ranks through a payload file in ``workdir`` (a temporary folder by default; on several
+    nodes it must be on a filesystem every node sees, and the other nodes run
+    :func:`torchrun_command` with the same rendezvous themselves). Rank 0 reports progress
+    as ``S4AL_PROGRESS {json}`` lines on stdout, forwarded to ``progress``; every other
+    output line goes to ``log``. A failed rank fails the whole launch (RuntimeError with
+    the output's tail); ``timeout_s`` kills the process group.
+    """
+    import subprocess
+    import tempfile
+    import time
+
+    owned = None
+    if workdir is None:
+        owned = tempfile.TemporaryDirectory(prefix="s4al-ddp-")
+        workdir = owned.name
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    payload, result_path = workdir / "payload.pt", workdir / "result.pt"
+    try:
+        torch.save(
+            {
+                "config": config.to_dict(),
+                "labelled": list(labelled),
+                "unlabelled": list(unlabelled),
+                "num_classes": int(num_classes),
+                "val": list(val) if val else None,
+                "init_state": init_state,
+            },
+            payload,
+        )
+        result_path.unlink(missing_ok=True)
+        cmd = torchrun_command(
+            ["run-cycle", "--payload", str(payload), "--result", str(result_path)],
+            nproc_per_node,
+            module="model.distributed",
+            nnodes=nnodes,
+            rdzv_endpoint=rdzv_endpoint,
+            rdzv_id=rdzv_id,
+        )
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
+        )
+        child_env.setdefault("OMP_NUM_THREADS", "1")
+        child_env["PYTHONUNBUFFERED"] = "1"
+        tail: list[str] = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env,
+            cwd=_REPO_ROOT,
+            start_new_session=True,  # one process group: torchrun and its ranks
+        )
+        timer = None
+        if deadline is not None:
+            import signal
+            import threading
+
+            def kill() -> None:
+                if proc.poll() is None:
+                    tail.append(f"[killed after {timeout_s:.0f} s]")
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+            timer = threading.Timer(timeout_s, kill)
+            timer.daemon = True
+            timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith(PROGRESS_PREFIX):
+                    if progress is not None:
+                        progress(json.loads(line[len(PROGRESS_PREFIX) :]))
+                    continue
+                tail = (tail + [line])[-40:]
+                if log is not None:
+                    log(line)
+            rc = proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if rc != 0 or not result_path.is_file():
+            raise RuntimeError(
+                f"distributed training on {nproc_per_node} process(es) failed (exit {rc}):\n"
+                + "\n".join(tail[-20:])
+            )
+        return _load_result(result_path, num_classes)
+    finally:
+        if owned is not None:
+            owned.cleanup()
+
+
+def _load_result(path: Path, num_classes: int) -> Any:
+    from model.network import DeepLabV3Plus
+    from model.train import TrainResult
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    nets = {}
+    for name in ("student", "teacher"):
+        net = DeepLabV3Plus(num_classes)
+        net.load_state_dict(saved[name])
+        nets[name] = net
+    nets["teacher"].eval().requires_grad_(False)
+    return TrainResult(
+        nets["student"], nets["teacher"], saved["history"], saved["metrics"], saved["state"]
+    )
+
+
+def run_cycle_worker(payload_path: str | Path, result_path: str | Path) -> int:
+    """One rank of :func:`launch_train_cycle` (``python -m model.distributed run-cycle``)."""
+    from model.config import TrainConfig
+    from model.train import train_cycle
+
+    payload = torch.load(payload_path, map_location="cpu", weights_only=False)
+    config = TrainConfig.from_dict(payload["config"])
+    ctx = init_distributed(device=config.device)
+    try:
+
+        def report(info: dict) -> None:
+            print(PROGRESS_PREFIX + json.dumps(info), flush=True)
+
+        result = train_cycle(
+            config,
+            payload["labelled"],
+            payload["unlabelled"],
+            payload["num_classes"],
+            payload["val"],
+            payload["init_state"],
+            report if ctx.is_main else None,
+        )
+        # ranks that drifted apart would make rank 0's result meaningless: fail loudly
+        teacher_digest = assert_same_on_all_ranks(unwrap_model(result.teacher), "teacher")
+        student = unwrap_model(result.student)
+        assert_same_on_all_ranks(dict(student.named_parameters()), "student parameters")
+        if ctx.is_main:
+            result_path = Path(result_path)
+            tmp = result_path.with_name(result_path.name + ".tmp")
+            torch.save(
+                {
+                    "student": unwrap_model(result.student).state_dict(),
+                    "teacher": unwrap_model(result.teacher).state_dict(),
+                    "history": result.history,
+                    "metrics": result.metrics,
+                    "state": result.state,
+                    "world_size": ctx.world_size,
+                    "teacher_digest": teacher_digest,
+                },
+                tmp,
+            )
+            os.replace(tmp, result_path)
+        barrier()
+    finally:
+        cleanup_distributed(ctx)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m model.distributed",
+        description="Per-rank entry points for torchrun (see docs/DISTRIBUTED.md).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run-cycle", help="one train_cycle from a launch_train_cycle payload")
+    run.add_argument("--payload", required=True, type=Path)
+    run.add_argument("--result", required=True, type=Path)
+    args = parser.parse_args(argv)
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return run_cycle_worker(args.payload, args.result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from model.precision import AMP_CHOICES
+
 METHODS = ("supervised", "mean-teacher", "s4al", "tsf-plar")
 METHODS += ("tsf", "tsf-conf", "tsf-emd", "tsf-plar-conf")  # tsf-plar's ablations (model.tsf)
 
@@ -67,6 +69,17 @@ class TrainConfig:
     # None = random init; otherwise a path (see model.network.DeepLabV3Plus).
     backbone_weights: str | None = "auto"
 
+    # --- GPU efficiency and distributed training (issue 8, docs/DISTRIBUTED.md) ---
+    # Mixed precision (model.precision): "off", "auto" (bf16 on GPUs with native bf16, else
+    # fp16 with a GradScaler; fp32 on CPU), "bf16" or "fp16".
+    amp: str = "off"
+    channels_last: bool = False  # NHWC weights and batches (faster convs on tensor cores)
+    compile: bool = False  # torch.compile the student's training forward (slow first steps)
+    pin_memory: bool = True  # page-locked batches for asynchronous copies (CUDA only)
+    # Under torchrun, batch sizes are per process (global batch = processes x batch) and
+    # BatchNorm statistics span the global batch when this is True (SyncBatchNorm).
+    sync_batchnorm: bool = True
+
     # --- tsf-plar (issue 7): fields for Teacher-Student-Friend + PLAR go below. ---
     # papers/tsf-plar.md, read by model.tsf. Which parts run is the method's choice (the
     # ablation rows, model.tsf.VARIANTS: tsf, tsf-conf, tsf-emd, tsf-plar-conf, tsf-plar);
@@ -102,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0 <= self.cold_start_iterations <= self.iterations:
             raise ValueError("cold_start_iterations must be between 0 and iterations")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         self.crop_size = tuple(self.crop_size)
         self.scale_range = tuple(self.scale_range)
 

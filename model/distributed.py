@@ -10,8 +10,9 @@ Ranks, devices, backends
     Without WORLD_SIZE > 1 it starts nothing and returns a world of one.
 
 What stays identical on every rank, and why
-    - Student (and friend): DDP broadcasts rank 0's parameters and buffers when it wraps
-      the module and averages gradients every step, so the optimiser steps are identical.
+    - Student (and any network the main optimiser trains): DDP broadcasts rank 0's
+      parameters and buffers when it wraps the module and averages gradients every step,
+      so the optimiser steps are identical.
       Gloo's and NCCL's all-reduce hand every rank the same bits, so the student's
       parameters stay bitwise equal.
     - EMA teacher: it is built from the (broadcast) student, or broadcast explicitly with
@@ -26,13 +27,12 @@ What stays identical on every rank, and why
       batch a single process with the global batch size draws at step t.
 
 Per-rank state, on purpose
-    - Replay buffers (Balanced ClassMix) are per rank. Filling a shared buffer would mean
-      moving image-sized tensors between ranks every iteration, which costs more than the
-      step itself over Ethernet; each rank only ever adds images from its own disjoint
-      shard, so the union of per-rank buffers is an unbiased sample of the pool just like a
-      single buffer. Give each rank ``split_evenly(M)`` slots: the total memory and the
-      history the buffers cover (M / global batch iterations) then match one process with
-      buffer size M and the same global batch.
+    - Replay buffers (Balanced ClassMix) are per rank. A shared one would cost a
+      collective every iteration for no statistical gain: each rank only adds images from
+      its own disjoint shard of the stream, so the union of the per-rank buffers is a
+      uniform sample of the recently seen pool, as one buffer is. Give each rank
+      ``split_evenly(M)`` slots: together they hold M images covering the same M / (global
+      batch) iterations of history as one process's buffer of M.
     - Random augmentation and ClassMix draws: seed each rank differently
       (:func:`rank_seed`), otherwise every rank applies the same crops and class picks.
 
@@ -54,6 +54,7 @@ import hashlib
 import inspect
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -757,7 +758,6 @@ def launch_train_cycle(
     """
     import subprocess
     import tempfile
-    import time
 
     owned = None
     if workdir is None:
@@ -794,7 +794,6 @@ def launch_train_cycle(
         child_env.setdefault("OMP_NUM_THREADS", "1")
         child_env["PYTHONUNBUFFERED"] = "1"
         tail: list[str] = []
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -805,8 +804,7 @@ def launch_train_cycle(
             start_new_session=True,  # one process group: torchrun and its ranks
         )
         timer = None
-        if deadline is not None:
-            import signal
+        if timeout_s is not None:
             import threading
 
             def kill() -> None:
@@ -829,11 +827,11 @@ def launch_train_cycle(
                 if log is not None:
                     log(line)
             rc = proc.wait()
-        finally:
+        finally:  # also on an exception in this process (e.g. the job's own timeout)
             if timer is not None:
                 timer.cancel()
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
                 proc.wait()
         if rc != 0 or not result_path.is_file():
             raise RuntimeError(

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from model import distributed
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import METHODS, TrainConfig
 from model.data import (
@@ -43,6 +44,15 @@ from model.data import (
 from model.metrics import evaluate
 from model.mixing import ClassSampler, RandomHalf, ReplayBuffer, apply_mix, classmix_masks
 from model.network import DeepLabV3Plus
+from model.precision import (
+    AMP_CHOICES,
+    configure_backends,
+    maybe_compile,
+    optimizer_step,
+    resolve_precision,
+    to_channels_last,
+    to_device,
+)
 from model.ssl import EMATeacher, eta, pseudo_labels, weighted_ce
 
 Progress = Callable[[dict], None]
@@ -108,7 +118,8 @@ class SupervisedStep(TrainStep):
     """Cross-entropy on the labelled pixels (Eq. 2); also every method's cold start."""
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
-        return {"supervised": weighted_ce(self.trainer.student(batch.images), batch.masks)}
+        logits = self.trainer.student_train(batch.images)
+        return {"supervised": weighted_ce(logits, batch.masks)}
 
 
 class MeanTeacherStep(TrainStep):
@@ -153,7 +164,9 @@ class S4ALStep(MeanTeacherStep):
 
     def __init__(self, trainer: Trainer):
         super().__init__(trainer)
-        self.replay = ReplayBuffer(trainer.config.replay_size, trainer.generator)
+        # per rank: each rank replays its own shard (docs/DISTRIBUTED.md)
+        size = distributed.split_evenly(trainer.config.replay_size)
+        self.replay = ReplayBuffer(size, trainer.generator)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         u = batch.unlabelled
@@ -230,10 +243,9 @@ def resolve_backbone_weights(value: str | None) -> str | None:
 def infinite_batches(
     dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool
 ) -> Iterator:
-    """Batches forever, reshuffled every pass; datasets smaller than a batch repeat."""
-    sampler = RandomSampler(
-        dataset, num_samples=batch_size * 10_000, generator=torch.Generator().manual_seed(seed)
-    )
+    """Batches forever, reshuffled every pass; datasets smaller than a batch repeat. Under
+    torchrun each rank draws its shard of one global stream (model.distributed)."""
+    sampler = distributed.InfiniteShardedSampler(len(dataset), seed=seed)
     loader = DataLoader(
         dataset,
         batch_size,
@@ -265,13 +277,23 @@ class Trainer:
             raise ValueError("need at least one labelled sample, each with a mask")
         self.config = config
         self.num_classes = num_classes
+        self.dist = distributed.current_context(config.device)  # a world of one without torchrun
         random.seed(config.seed)
-        torch.manual_seed(config.seed)
-        self.device = resolve_device(config.device)
-        self.generator = torch.Generator().manual_seed(config.seed)  # mixing and replay draws
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        self.device = self.dist.device
+        seed = distributed.rank_seed(config.seed)  # rank 0: config.seed
+        self.generator = torch.Generator().manual_seed(seed)  # mixing and replay draws
         weights = None if init_state else resolve_backbone_weights(config.backbone_weights)
         self.student = DeepLabV3Plus(num_classes, weights).to(self.device).train()
+        to_channels_last(self.student, config.channels_last)
         self.teacher = EMATeacher(self.student, config.ema_momentum, config.ema_buffers)
+        self.sync_batchnorm = config.sync_batchnorm and self.dist.distributed
+        self.precision = resolve_precision(config.amp, self.device)
+        self.scaler = self.precision.grad_scaler()
+        configure_backends(self.device)
+        if self.dist.distributed:  # augmentation draws differ per rank
+            random.seed(seed)
+            torch.manual_seed(seed)
         self.optimizer = torch.optim.SGD(
             self.student.parameters(),
             lr=config.lr,
@@ -298,6 +320,8 @@ class Trainer:
         self.history: list[dict] = []
         if init_state:
             self.load_state(init_state)
+        distributed.broadcast_module(self.teacher.model)  # DDP broadcasts the student
+        self.student_train = self.distribute(self.student)  # the training forward
         self.labelled_batches = self.batches(self.labelled_data, config.batch_labelled)
         if self.step.uses_unlabelled:
             self.unlabelled_batches = self.batches(self.unlabelled_data, config.batch_unlabelled)
@@ -305,8 +329,17 @@ class Trainer:
     def batches(self, dataset: Dataset, batch_size: int) -> Iterator:
         # seeded by the iteration too, so a resumed run does not replay the same batches
         seed = self.config.seed * 1_000_003 + self.iteration
-        pin = self.device.type == "cuda"
+        pin = self.config.pin_memory and self.device.type == "cuda"
         return infinite_batches(dataset, batch_size, seed, self.config.num_workers, pin)
+
+    def distribute(self, module: nn.Module) -> nn.Module:
+        """The view of a trained network that training forwards go through: DDP under
+        torchrun (gradients averaged over ranks), compiled when `config.compile`; the
+        network itself in one process. Steps with extra trained networks use it too.
+        BatchNorm layers become synchronised (in place, same parameters) when configured."""
+        distributed.convert_sync_batchnorm(module, self.device, self.sync_batchnorm)
+        wrapped = distributed.wrap_ddp(module, self.dist)
+        return maybe_compile(wrapped, self.config.compile)
 
     # -- one iteration --
 
@@ -322,20 +355,22 @@ class Trainer:
     def train_on(self, step: TrainStep, batch: Batch) -> dict[str, float]:
         """One SGD step on the sum of `step`'s losses, then the teacher's EMA update."""
         self.set_learning_rate()
-        losses = step.losses(batch)
-        loss = sum(losses.values())
+        with self.precision.autocast():
+            losses = step.losses(batch)
+            loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        optimizer_step(loss, self.optimizer, self.scaler)
         self.teacher.update(self.student)
+        if self.dist.distributed and not self.sync_batchnorm:
+            distributed.sync_buffers(self.teacher.model)  # BN statistics are per rank
         self.iteration += 1
         values = {name: value.item() for name, value in losses.items()}
         return {"loss": loss.item(), **values, **step.metrics()}
 
     def next_batch(self, with_unlabelled: bool) -> Batch:
         images, masks = next(self.labelled_batches)
-        images = images.to(self.device, non_blocking=True)
-        masks = masks.to(self.device, non_blocking=True)
+        images = to_device(images, self.device, self.config.channels_last)
+        masks = to_device(masks, self.device)
         if not with_unlabelled:
             return Batch(images, masks)
         return Batch(images, masks, UnlabelledBatch(*next(self.unlabelled_batches)).to(self.device))
@@ -353,7 +388,7 @@ class Trainer:
 
     def student_forward(self, *images: Tensor) -> tuple[Tensor, ...]:
         """One student pass over several batches (BatchNorm sees them together), split back."""
-        logits = self.student(torch.cat(images))
+        logits = self.student_train(torch.cat(images))
         return logits.split([len(x) for x in images])
 
     # -- the cycle --
@@ -366,7 +401,7 @@ class Trainer:
         meter = LossMeter()
 
         def report(phase: str, loss: float) -> None:
-            if progress:
+            if progress and self.dist.is_main:
                 seconds_per_step = (time.monotonic() - started) / max(self.iteration - start, 1)
                 eta_s = seconds_per_step * (total - self.iteration)
                 progress(
@@ -382,14 +417,15 @@ class Trainer:
         def record() -> None:
             entry = {"iteration": self.iteration, "lr": self.optimizer.param_groups[0]["lr"]}
             entry.update(meter.means())
-            if val:
+            if val and self.dist.is_main:  # other ranks wait at their next collective
                 report("evaluate", entry["loss"])
                 entry["teacher_miou"] = self.evaluate(self.teacher.model, val)["miou"]
                 entry["student_miou"] = self.evaluate(self.student, val)["miou"]
             entry["elapsed_s"] = time.monotonic() - started
             self.history.append(entry)
 
-        bar = tqdm(total=total, initial=start, desc=self.config.method, disable=None)
+        quiet = None if self.dist.is_main else True
+        bar = tqdm(total=total, initial=start, desc=self.config.method, disable=quiet)
         while self.iteration < total:
             phase = (
                 "cold-start" if self.current_step() is self.cold_start_step else self.config.method
@@ -404,7 +440,7 @@ class Trainer:
         bar.close()
 
         metrics = {}
-        if val:
+        if val and self.dist.is_main:
             metrics = {
                 "teacher": self.evaluate(self.teacher.model, val),
                 "student": self.evaluate(self.student, val),
@@ -584,6 +620,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N" + default)
     arg("--workers", type=int, default=defaults.num_workers, help="loader processes" + default)
+    arg(
+        "--amp",
+        choices=AMP_CHOICES,
+        default=defaults.amp,
+        help="mixed precision: auto = bf16 on GPUs that have it, else fp16" + default,
+    )
+    arg("--channels-last", action="store_true", help="NHWC model and batches")
+    arg("--compile", action="store_true", help="torch.compile the training forward")
+    arg(
+        "--no-sync-bn",
+        dest="sync_batchnorm",
+        action="store_false",
+        help="under torchrun, BatchNorm statistics per process (no SyncBatchNorm)",
+    )
     arg("--seed", type=int, default=defaults.seed, help="random seed" + default)
     arg(
         "--out",
@@ -615,6 +665,16 @@ def iou_table(classes: Sequence[str], metrics: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # under torchrun (docs/DISTRIBUTED.md): join the job; only rank 0 prints and writes
+    ctx = distributed.init_distributed(device=args.device)
+    try:
+        return _main(args, ctx)
+    finally:
+        distributed.cleanup_distributed(ctx)
+
+
+def _main(args: argparse.Namespace, ctx: distributed.DistContext) -> int:
+    say = print if ctx.is_main else (lambda *a, **k: None)
     classes = read_classes(args.data)
     train = load_folder(args.data, "train", args.downscale)
     val = load_folder(args.data, "val", args.downscale) if (args.data / "val").is_dir() else []
@@ -650,6 +710,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         device=args.device,
         backbone_weights=args.backbone_weights,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        sync_batchnorm=args.sync_batchnorm,
     )
     init_state = None
     if args.init:
@@ -658,13 +722,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         weights = resolve_backbone_weights(args.backbone_weights)
         weights_note = weights or "none: random initialisation, as asked"
-    print(
+    say(
         f"{args.method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
         f"{len(val)} val images; crop {crop[0]}x{crop[1]}; {config.iterations} iterations "
         f"({config.cold_start_iterations} cold start); backbone weights: {weights_note}"
     )
 
+    if ctx.distributed:
+        batch = f"{ctx.world_size} x {args.batch_size}"
+        say(f"{ctx.world_size} processes ({ctx.backend}), global batch {batch}")
     result = train_cycle(config, labelled, unlabelled, len(classes), val or None, init_state)
+    if not ctx.is_main:
+        distributed.barrier()  # while rank 0 writes
+        return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -680,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.metrics:
         print(iou_table(classes, result.metrics))
     print(f"saved {args.out / 'model.pt'} (the teacher)")
+    distributed.barrier()
     return 0
 
 

@@ -500,8 +500,18 @@ class Cycle:
                  config.cold_start_iterations, self.settings.train_crop,
                  "warm start" if init_state else "from the backbone")
         self.phase("train", message=f"{len(labelled)} labelled, {len(unlabelled)} images")
-        result = train_cycle(config, labelled, unlabelled, len(classes), val or None,
-                             init_state, progress=self.progress)
+        run = train_cycle
+        gpus = int(getattr(self.settings, "num_gpus", 1) or 1)
+        if gpus > 1:  # NUM_GPUS: torchrun on this machine's GPUs (docs/DISTRIBUTED.md)
+            from functools import partial
+
+            from model.distributed import launch_train_cycle
+
+            log.info("project %s: training on %d processes (torchrun)", self.project, gpus)
+            run = partial(launch_train_cycle, gpus, log=log.info,
+                          timeout_s=getattr(self.settings, "job_timeout", None))
+        result = run(config, labelled, unlabelled, len(classes), val or None, init_state,
+                     progress=self.progress)
         metrics = dict(result.metrics or {})
         if metrics:
             metrics["holdout_tasks"] = len(val)

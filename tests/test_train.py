@@ -8,7 +8,7 @@ import torch
 
 from model.config import METHODS, TrainConfig
 from model.data import IGNORE_INDEX, Sample, load_folder, read_split
-from model.train import STEPS, Trainer, main, train_cycle
+from model.train import STEPS, Trainer, labelled_pixel_weights, main, train_cycle
 
 NUM_CLASSES = 11
 
@@ -177,3 +177,13 @@ def test_cli_trains_saves_and_prints_the_iou_table(camvid_root, tmp_path, capsys
     assert model.num_classes == NUM_CLASSES
     assert meta["train_state"]["iteration"] == 2
     assert (tmp_path / "history.json").is_file()
+
+
+def test_labelled_images_are_drawn_in_proportion_to_their_labelled_pixels():
+    full = np.zeros((10, 10), dtype=np.int64)
+    region = np.full((10, 10), IGNORE_INDEX, dtype=np.int64)
+    region[:2, :5] = 1  # an acquired 2x5 block: 10 of 100 pixels
+    image = np.zeros((10, 10, 3), dtype=np.uint8)
+    samples = [Sample("full", image, full), Sample("region", image, region)]
+    assert labelled_pixel_weights(samples) == [100.0, 10.0]
+    assert labelled_pixel_weights(samples[:1] * 3) is None  # all alike: uniform

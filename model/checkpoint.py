@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.atomic import atomic_write
 from model.network import DeepLabV3Plus
 
 FORMAT = "s4al-checkpoint"
@@ -39,7 +38,7 @@ def save_checkpoint(
         "classes": list(classes),
         "meta": {"created": datetime.now(timezone.utc).isoformat(), **meta},
     }
-    _atomic_torch_save(payload, path)
+    atomic_write(path, lambda file: torch.save(payload, file))
 
 
 def load_checkpoint(
@@ -66,27 +65,3 @@ def load_checkpoint(
         raise CheckpointError(f"{path} weights do not fit DeepLabV3Plus: {exc}") from exc
     meta = {**payload["meta"], "classes": payload["classes"]}
     return model.to(device).eval(), meta
-
-
-def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as temp:
-            torch.save(payload, temp)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable across a power cut.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -38,7 +38,6 @@ import resource
 import shlex
 import socket
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Sequence
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from model import acquisition as acq
+from model.atomic import atomic_write, atomic_write_bytes
 from model.config import METHODS, TrainConfig
 from model.data import IGNORE_INDEX, Sample, load_folder, read_classes, read_split
 
@@ -303,23 +303,8 @@ class Context:
             print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
-def _temp_beside(path: Path) -> Path:
-    """A fresh file next to ``path`` (same file system, so ``os.replace`` is atomic)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temp_beside(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = _temp_beside(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def _cpu_s() -> float:
@@ -515,7 +500,7 @@ def shared_cycle0(ctx: Context, spec: RowSpec, labels: LabelState):
             nets = networks_from_state(saved["state"], ctx.num_classes, ctx.device)
             return saved["state"], nets, saved["metrics"], saved["train_s"], saved["eval_s"], True
         state, nets, metrics, train_s, eval_s = train_and_evaluate(ctx, spec, 0, labels, None)
-        _atomic_torch_save(
+        atomic_torch_save(
             {
                 "row": spec.name,
                 "state": state,
@@ -677,7 +662,7 @@ def run_row(ctx: Context, spec: RowSpec, resume: bool, overwrite: bool) -> dict:
             if not ctx.protocol.warm_start:
                 init_state = None
         document["complete"] = len(records) == ctx.protocol.cycles
-        _atomic_write_text(row_json, json.dumps(document, indent=1))
+        atomic_write_bytes(row_json, json.dumps(document, indent=1).encode())
         return document
 
 
@@ -727,7 +712,7 @@ def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> 
     records.append(record)
     row_json, state_dir = row_paths(ctx.out, spec.name)
     state_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(
+    atomic_torch_save(
         {
             "cycle": cycle,
             "settings": settings,
@@ -739,7 +724,7 @@ def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> 
     )
     document = {**settings, "cycles": records, "complete": len(records) == ctx.protocol.cycles}
     row_json.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(row_json, json.dumps(document, indent=1))
+    atomic_write_bytes(row_json, json.dumps(document, indent=1).encode())
     _write_report(ctx)
     ctx.log(
         f"[{spec.name} cycle {cycle}] mIoU {100 * record['miou']:.1f} "

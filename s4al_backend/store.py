@@ -32,10 +32,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from model.atomic import atomic_write, atomic_write_bytes
 
 __all__ = ["ModelStore", "project_key", "project_store", "resolve_current", "shared_store"]
 
@@ -114,7 +115,7 @@ class ModelStore:
                 continue
             plain[key] = value
         plain["version"] = version
-        _atomic_write(self.meta_path(version), json.dumps(plain, indent=1).encode("utf-8"))
+        atomic_write_bytes(self.meta_path(version), json.dumps(plain, indent=1).encode("utf-8"))
 
     def versions(self) -> list[str]:
         """Stored versions, oldest first."""
@@ -158,7 +159,7 @@ class ModelStore:
         """Point ``current`` at ``version`` (atomic; the checkpoint must exist)."""
         if not self.path(version).is_file():
             raise FileNotFoundError(f"no checkpoint for version {version} in {self.root}")
-        _atomic_write(self.pointer, (version + "\n").encode("utf-8"))
+        atomic_write_bytes(self.pointer, (version + "\n").encode("utf-8"))
 
     def prune(self) -> list[str]:
         """Delete all but the newest ``keep`` versions, never the current one."""
@@ -200,14 +201,8 @@ class ModelStore:
         version = self.new_version()
         target = self.path(version)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shutil.copyfile(checkpoint, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with checkpoint.open("rb") as source:
+            atomic_write(target, lambda file: shutil.copyfileobj(source, file))
         self.write_meta(version, {k: v for k, v in meta.items() if k != "train_state"})
         self.set_current(version)
         self.prune()
@@ -247,28 +242,6 @@ def resolve_current(model_dir: str | Path, project: Any, keep: int = 5
         if version is not None:
             return store, version
     return None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

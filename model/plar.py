@@ -153,7 +153,7 @@ def emd_loss(
     valid = target != ignore_index
     if not bool(valid.any()):
         return logits.sum() * 0.0
-    err = (pseudo_label != target).float()
+    err = true_error(pseudo_label, target, ignore_index).float()
     pw = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device)
     return F.binary_cross_entropy_with_logits(logits[valid], err[valid], pos_weight=pw)
 
@@ -405,7 +405,11 @@ class RunningClassStatistics:
     def statistics(self) -> ClassStatistics:
         if self._cache is None:
             self._cache = statistics_from_moments(
-                self.count, self.total, self.outer, self.shrinkage, self.min_cov_pixels,
+                self.count,
+                self.total,
+                self.outer,
+                self.shrinkage,
+                self.min_cov_pixels,
                 self.covariance,
             )
         return self._cache
@@ -678,11 +682,15 @@ class PseudoLabelRefiner(nn.Module):
         if not bool(keep.any()):
             return pool, False
         args = (self.num_classes, self.shrinkage, self.min_cov_pixels, self.covariance)
-        own = (class_statistics(fa[keep], y[keep], *args),
-               class_statistics(fd[keep], y[keep], *args))
+        own = (
+            class_statistics(fa[keep], y[keep], *args),
+            class_statistics(fd[keep], y[keep], *args),
+        )
         tied = self.covariance == "tied"
-        merged = (merge_statistics(own[0], pool[0], self.min_image_pixels, tied),
-                  merge_statistics(own[1], pool[1], self.min_image_pixels, tied))
+        merged = (
+            merge_statistics(own[0], pool[0], self.min_image_pixels, tied),
+            merge_statistics(own[1], pool[1], self.min_image_pixels, tied),
+        )
         used = bool((own[1].count >= max(self.min_image_pixels, 1)).any())
         return merged, used
 

@@ -28,7 +28,10 @@ Methods (the ablation rows of the paper's Table 5; `VARIANTS`):
   tsf-plar        everything
 
 A finished cycle's state warm-starts the next (`TsfStep.warm_start`): friend, EMD and PLAR
-continue like the student and the teacher. The cold start trains the friend as well.
+continue like the student and the teacher. The cold start trains the friend as well. The
+friend trains through `Trainer.distribute` (DDP under torchrun, like the student); the EMD,
+the trade-off module and the pool statistics are per process (not synchronised), and run
+in fp32 whatever the trainer's mixed precision.
 
 Manual labelling happens where this project already does it: the active-learning cycle's
 region acquisition. During training, queued pixels are counted (and ignored by the loss).
@@ -54,8 +57,9 @@ from model import train as _train
 from model.config import TrainConfig
 from model.data import IGNORE_INDEX, Sample, normalize
 from model.mixing import apply_mix, classmix_masks
-from model.network import DeepLabV3Plus
+from model.network import ASPP_CHANNELS, DECODER_CHANNELS, DeepLabV3Plus
 from model.plar import ErrorMaskDecoder, PseudoLabelRefiner, emd_loss, error_mask
+from model.precision import to_channels_last
 from model.ssl import cross_pseudo_supervision_loss, eta, weighted_ce
 
 
@@ -85,18 +89,24 @@ VARIANTS: dict[str, Variant] = {
 }
 
 COUNTERS = (
-    "unlabelled_pixels", "error_pixels", "corrected_pixels", "changed_pixels", "queued_pixels"
+    "unlabelled_pixels",
+    "error_pixels",
+    "corrected_pixels",
+    "changed_pixels",
+    "queued_pixels",
 )
 
 
 def build_emd(config: TrainConfig, num_classes: int) -> ErrorMaskDecoder:
-    in_channels = 256 + 256 + num_classes  # ASPP + decoder features + probabilities
+    in_channels = ASPP_CHANNELS + DECODER_CHANNELS + num_classes  # the paper's 531 on 19
     return ErrorMaskDecoder(in_channels, hidden=config.tsf_emd_hidden)
 
 
 def build_refiner(config: TrainConfig, num_classes: int) -> PseudoLabelRefiner:
     return PseudoLabelRefiner(
         num_classes,
+        ASPP_CHANNELS,
+        DECODER_CHANNELS,
         grid_stride=config.tsf_plar_grid_stride,
         momentum=config.tsf_plar_momentum,
         shrinkage=config.tsf_plar_shrinkage,
@@ -174,8 +184,15 @@ def make_targets(
         corrected_weight = torch.full_like(weight, config.tsf_plar_corrected_weight)
     weight = torch.where(refined.corrected, corrected_weight, weight)
     return Targets(
-        refined.label, weight, raw, confidence, unlabelled, refined.error, refined.corrected,
-        refined.changed, refined.queued,
+        refined.label,
+        weight,
+        raw,
+        confidence,
+        unlabelled,
+        refined.error,
+        refined.corrected,
+        refined.changed,
+        refined.queued,
     )
 
 
@@ -186,13 +203,13 @@ def refiner_stride(refiner: PseudoLabelRefiner | None) -> int:
 class FriendColdStart(_train.SupervisedStep):
     """The cold start of a TSF cycle: student and friend both learn the labelled batch."""
 
-    def __init__(self, trainer, friend: DeepLabV3Plus):
+    def __init__(self, trainer, friend_train):
         super().__init__(trainer)
-        self.friend = friend
+        self.friend_train = friend_train
 
     def losses(self, batch) -> dict[str, Tensor]:
         out = super().losses(batch)
-        out["friend_supervised"] = weighted_ce(self.friend(batch.images), batch.masks)
+        out["friend_supervised"] = weighted_ce(self.friend_train(batch.images), batch.masks)
         return out
 
 
@@ -207,8 +224,10 @@ class TsfStep(_train.S4ALStep):
         # seeded torch before building the student, so these draws differ from its)
         weights = _train.resolve_backbone_weights(config.backbone_weights)
         self.friend = DeepLabV3Plus(num_classes, weights).to(trainer.device).train()
+        to_channels_last(self.friend, config.channels_last)
         trainer.optimizer.add_param_group({"params": list(self.friend.parameters())})
-        trainer.cold_start_step = FriendColdStart(trainer, self.friend)
+        self.friend_train = trainer.distribute(self.friend)  # DDP / compiled, as the student
+        trainer.cold_start_step = FriendColdStart(trainer, self.friend_train)
         self.emd = build_emd(config, num_classes).to(trainer.device) if self.variant.emd else None
         self.refiner = (
             build_refiner(config, num_classes).to(trainer.device) if self.variant.plar else None
@@ -234,24 +253,26 @@ class TsfStep(_train.S4ALStep):
         with torch.no_grad():
             if self.variant.uses_features:
                 out = trainer.teacher.model(torch.cat([weak, batch.images]), return_features=True)
-                probs_all = out.logits.softmax(dim=1)
-                aspp, decoder = out.aspp, out.decoder
+                probs_all = out.logits.float().softmax(dim=1)
+                aspp, decoder = out.aspp.float(), out.decoder.float()
             else:
-                probs_all = trainer.teacher.model(weak).softmax(dim=1)
+                probs_all = trainer.teacher.model(weak).float().softmax(dim=1)
                 aspp = decoder = None
         self.last = {}
-        emd_logits = self.train_aux(probs_all, aspp, decoder, batch.masks, n_u)
-        targets = make_targets(
-            self.variant,
-            config,
-            probs_all[:n_u],
-            None if aspp is None else aspp[:n_u],
-            None if decoder is None else decoder[:n_u],
-            partial,
-            self.emd,
-            self.refiner,
-            emd_logits,
-        )
+        # the EMD, the statistics and the distances in fp32 whatever the trainer's precision
+        with torch.autocast(trainer.device.type, enabled=False):
+            emd_logits = self.train_aux(probs_all, aspp, decoder, batch.masks, n_u)
+            targets = make_targets(
+                self.variant,
+                config,
+                probs_all[:n_u],
+                None if aspp is None else aspp[:n_u],
+                None if decoder is None else decoder[:n_u],
+                partial,
+                self.emd,
+                self.refiner,
+                emd_logits,
+            )
         self.count(targets.counts())
 
         n = len(u.weak)
@@ -265,7 +286,7 @@ class TsfStep(_train.S4ALStep):
             balanced = apply_mix(balanced_mask, replay, current)
             inputs.append(balanced[0])
         student = trainer.student_forward(*inputs)
-        friend = self.friend(torch.cat(inputs)).split([len(x) for x in inputs])
+        friend = self.friend_train(torch.cat(inputs)).split([len(x) for x in inputs])
 
         losses = {
             "supervised": weighted_ce(student[0], batch.masks),
@@ -317,8 +338,12 @@ class TsfStep(_train.S4ALStep):
         return emd_logits
 
     def emd_quality(self, logits: Tensor, pseudo: Tensor, masks: Tensor) -> dict[str, float]:
-        predicted = error_mask(torch.ones_like(masks, dtype=torch.float), logits, None,
-                               self.trainer.config.tsf_emd_threshold)
+        predicted = error_mask(
+            torch.ones_like(masks, dtype=torch.float),
+            logits,
+            None,
+            self.trainer.config.tsf_emd_threshold,
+        )
         valid = masks != IGNORE_INDEX
         wrong = (pseudo != masks) & valid
         hit = int((predicted & wrong).sum())
@@ -438,9 +463,22 @@ def plar_audit(
         refiner.to(device).eval()
         refiner.queue_budget = None  # no per-step budget: show every disagreement
 
-    keys = ("pixels", "pl_right", "wrong", "error", "error_wrong", "corrected",
-            "corrected_right", "corrected_pl_right", "changed", "changed_right", "queued",
-            "queued_pl_wrong", "trained", "trained_right")
+    keys = (
+        "pixels",
+        "pl_right",
+        "wrong",
+        "error",
+        "error_wrong",
+        "corrected",
+        "corrected_right",
+        "corrected_pl_right",
+        "changed",
+        "changed_right",
+        "queued",
+        "queued_pl_wrong",
+        "trained",
+        "trained_right",
+    )
     c = dict.fromkeys(keys, 0)
     for sample, gt in zip(samples, truth, strict=True):
         x = normalize(sample.image)[None].to(device)

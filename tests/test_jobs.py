@@ -317,7 +317,10 @@ def test_two_workers_never_train_one_project_at_once(redis_env, tmp_path):
     w2 = Worker(redis_env, f"{settings.queue_name}-b", tmp_path / "b.log", extra_env=extra)
     try:
         assert redis_jobs.request_cycle(1, "first")["status"] == "queued"
-        wait_for(lambda: redis_jobs.status(1)["running"], 60, "the first job to start")
+        # the job takes the lock, then clears its queued marker: a request in between
+        # coalesces into it (harmless: it has not read Label Studio yet), so wait for both
+        wait_for(lambda: (s := redis_jobs.status(1))["running"] and s["queued"] is None, 60,
+                 "the first job to start")
         assert redis_jobs.request_cycle(1, "second")["status"] == "queued"
         assert redis_jobs.request_cycle(1, "third")["status"] == "coalesced"
         # another project trains in parallel on the other worker

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from model.atomic import atomic_write, atomic_write_bytes
 
 ROW_ORDER = (
     "full",
@@ -156,23 +156,8 @@ def plot(results: dict, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = _temp_beside(Path(path), ".png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda file: fig.savefig(file, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _temp_beside(path: Path, suffix: str = ".tmp") -> Path:
-    """A fresh file next to ``path``: concurrent writers never share a temporary file."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = _temp_beside(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(out: str | Path) -> list[Path]:
@@ -180,8 +165,8 @@ def write_report(out: str | Path) -> list[Path]:
     out = Path(out)
     results = collect(out)
     paths = [out / "results.json", out / "results.md", out / "results.png"]
-    _write(paths[0], json.dumps(results, indent=1))
-    _write(paths[1], markdown(results))
+    atomic_write_bytes(paths[0], json.dumps(results, indent=1).encode())
+    atomic_write_bytes(paths[1], markdown(results).encode())
     plot(results, paths[2])
     return paths
 

@@ -51,15 +51,8 @@ from model import acquisition as acq
 from model.atomic import atomic_write, atomic_write_bytes
 from model.config import METHODS, TrainConfig
 from model.data import IGNORE_INDEX, Sample, load_folder, read_classes, read_split
+from model.report import ROW_ORDER
 
-ROW_ORDER = (
-    "full",
-    "initial-only",
-    "mean-teacher",
-    "random-regions",
-    "entropy-regions",
-    "image-entropy",
-)
 ACQUISITION_METHOD = "s4al"
 
 

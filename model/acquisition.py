@@ -279,6 +279,22 @@ def block_scores(
     return BlockGrid(mean, costs.astype(np.int64), block, height, width)
 
 
+def prioritise(score_map, priority, weight: float):
+    """``score_map`` with ``weight`` added on the ``priority`` pixels (bool ``H x W``): PLAR's
+    queued pixels, which the paper labels first. With ``weight`` at least the heuristic's
+    range (``log C`` for entropy, 1 for margin, least confidence and random), a block
+    entirely queued outranks any unqueued one, and blocks with equal queued shares keep
+    the heuristic's order."""
+    if priority is None:
+        return score_map
+    if isinstance(score_map, torch.Tensor):
+        score_map = score_map.detach().cpu().numpy()
+    priority = np.asarray(priority, dtype=bool)
+    if priority.shape != np.shape(score_map):
+        raise ValueError(f"priority map {priority.shape} != score map {np.shape(score_map)}")
+    return np.asarray(score_map, dtype=np.float64) + weight * priority
+
+
 def regions_mask(shape: tuple[int, int], regions: Iterable[Region]) -> np.ndarray:
     """Bool mask of the pixels covered by ``regions`` (all of one image)."""
     mask = np.zeros(shape, dtype=bool)
@@ -431,6 +447,8 @@ def score_pool(
     *,
     cost_masks: Sequence | None = None,
     max_labelled_fraction: float = 0.0,
+    priority_maps: Sequence | None = None,
+    priority_weight: float = 0.0,
     amp: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -439,7 +457,8 @@ def score_pool(
 
     ``samples``: ``Sample``s (their ``.image``) or ``uint8 H x W x 3`` arrays.
     ``labelled_masks[i]``: image i's labelled pixels (bool) or partial label (255 = not
-    labelled), or None. Probabilities come one image at a time from
+    labelled), or None. ``priority_maps[i]`` (bool, or None): pixels to label first,
+    ``priority_weight`` added to their score (see ``prioritise``). Probabilities come one image at a time from
     ``model.inference.predict_probabilities`` and are dropped once reduced to a block grid
     and an image score, so memory does not grow with the pool. A heuristic with
     ``needs_model = False`` (random) skips the network. Prints images per second.
@@ -449,8 +468,9 @@ def score_pool(
     n = len(samples)
     labelled_masks = labelled_masks if labelled_masks is not None else [None] * n
     cost_masks = cost_masks if cost_masks is not None else [None] * n
-    if len(labelled_masks) != n or len(cost_masks) != n:
-        raise ValueError("labelled_masks / cost_masks must have one entry per sample")
+    priority_maps = priority_maps if priority_maps is not None else [None] * n
+    if not len(labelled_masks) == len(cost_masks) == len(priority_maps) == n:
+        raise ValueError("labelled_masks / cost_masks / priority_maps need one entry per sample")
     log = log or (lambda message: print(message, file=sys.stderr))
 
     if heuristic.needs_model:
@@ -469,6 +489,7 @@ def score_pool(
     start = time.perf_counter()
     bar = _progress(n, f"scoring ({heuristic.name})", progress)
     for index, score in enumerate(scores):
+        score = prioritise(score, priority_maps[index], priority_weight)
         grids.append(
             block_scores(
                 score, block, labelled_masks[index], cost_masks[index], max_labelled_fraction

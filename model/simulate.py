@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import resource
 import shlex
@@ -506,14 +507,40 @@ def shared_cycle0(ctx: Context, spec: RowSpec, labels: LabelState):
         return state, nets, metrics, train_s, eval_s, False
 
 
-def acquire(ctx: Context, spec: RowSpec, cycle: int, labels: LabelState, nets: dict) -> dict:
-    """Score the pool with the previous cycle's network and reveal the selected pixels."""
+def pool_queue(
+    ctx: Context, labels: LabelState, pool: Sequence[int], state: dict
+) -> list[np.ndarray] | None:
+    """The pixels a finished tsf cycle queues for manual labelling in each pool image (with
+    its partial labels), or None for rows that queue nothing."""
+    from model.tsf import VARIANTS, queued_maps
+
+    if state is None or TrainConfig.from_dict(state["config"]).method not in VARIANTS:
+        return None
+    samples = [Sample(ctx.train[i].name, ctx.train[i].image, labels.mask(i)) for i in pool]
+    return queued_maps(state, samples, ctx.device)
+
+
+def queue_coverage(queued: list[np.ndarray] | None, chosen: Sequence[acq.Region]) -> dict:
+    """How many queued pixels there were and how many of them the chosen regions cover."""
+    if queued is None:
+        return {}
+    covered = sum(int(queued[r.image_index][r.slices].sum()) for r in chosen)
+    return {"queued_pixels": int(sum(q.sum() for q in queued)), "queued_acquired": covered}
+
+
+def acquire(
+    ctx: Context, spec: RowSpec, cycle: int, labels: LabelState, nets: dict, state: dict
+) -> dict:
+    """Score the pool with the previous cycle's network and reveal the selected pixels.
+    A tsf row's queued pixels (PLAR's disagreements, or its error mask) are labelled first
+    (`model.acquisition.prioritise`)."""
     p = ctx.protocol
     pool = labels.pool()
     heuristic = acq.get_heuristic(spec.heuristic, seed=ctx.seed * 1000 + cycle)
     samples = [ctx.train[i] for i in pool]
     cost_masks = [ctx.train[i].mask != IGNORE_INDEX for i in pool] if p.ignore_aware_cost else None
     started = time.monotonic()
+    queued = pool_queue(ctx, labels, pool, state)
     scores = acq.score_pool(
         nets[p.score_with],
         samples,
@@ -523,6 +550,8 @@ def acquire(ctx: Context, spec: RowSpec, cycle: int, labels: LabelState, nets: d
         batch_size=p.score_batch_size,
         device=ctx.device,
         cost_masks=cost_masks,
+        priority_maps=queued,
+        priority_weight=math.log(ctx.num_classes),  # the entropy's range: queued first
         progress=not ctx.quiet,
         log=ctx.log,
     )
@@ -532,8 +561,10 @@ def acquire(ctx: Context, spec: RowSpec, cycle: int, labels: LabelState, nets: d
             chosen = acq.select_blocks(scores.grids, per_image=p.regions_per_image)
         else:
             chosen = acq.select_blocks(scores.grids, budget=budget)
+        queue_report = queue_coverage(queued, chosen)
         chosen = [replace(region, image_index=pool[region.image_index]) for region in chosen]
         revealed = labels.reveal_regions(chosen)
+        revealed.update(queue_report)
     else:
         open_pixels = [int((~labels.labelled[i]).sum()) for i in pool]
         count = max(1, round(budget / (sum(open_pixels) / len(open_pixels))))
@@ -650,10 +681,8 @@ def run_row(ctx: Context, spec: RowSpec, resume: bool, overwrite: bool) -> dict:
         document = {**settings, "cycles": records}
         for cycle in range(first, ctx.protocol.cycles):
             document = run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings)
-            init_state = document.pop("_state")
+            init_state = document.pop("_state")  # run_cycle trains from it only with warm start
             nets = document.pop("_nets")
-            if not ctx.protocol.warm_start:
-                init_state = None
         document["complete"] = len(records) == ctx.protocol.cycles
         atomic_write_bytes(row_json, json.dumps(document, indent=1).encode())
         return document
@@ -663,7 +692,7 @@ def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> 
     started, cpu_started = time.monotonic(), _cpu_s()
     revealed = None
     if cycle > 0 and spec.acquisition:
-        revealed = acquire(ctx, spec, cycle, labels, nets)
+        revealed = acquire(ctx, spec, cycle, labels, nets, init_state)
     shared = False
     if cycle == 0 and ctx.share_cycle0 and spec.start == "split" and spec.method != "supervised":
         state, nets, metrics, train_s, eval_s, shared = shared_cycle0(ctx, spec, labels)

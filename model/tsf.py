@@ -414,10 +414,80 @@ if getattr(getattr(_main, "__spec__", None), "name", None) == "model.train":
     register(_main.STEPS)
 
 
+# --------------------------------------------------------------------------- whole images
+
+
+class PoolRefinement:
+    """A finished tsf cycle's teacher, EMD and PLAR applied to whole images, as in training
+    (with the cycle's final statistics): the audit's view of PLAR, and the source of the
+    queued pixels that region acquisition labels first.
+
+    `state` is `TrainResult.state`; `queue_budget` overrides PLAR's per-image budget
+    ("config": the cycle's own; None: every disagreement is queued).
+    """
+
+    def __init__(
+        self,
+        state: dict,
+        device: str | torch.device = "cpu",
+        queue_budget: float | None | str = "config",
+    ):
+        self.config = TrainConfig.from_dict(state["config"])
+        self.variant = VARIANTS.get(self.config.method)
+        if self.variant is None:
+            raise ValueError(f"PoolRefinement needs a tsf method, not {self.config.method!r}")
+        self.device = torch.device(device)
+        num_classes = state["num_classes"]
+        self.teacher = DeepLabV3Plus(num_classes, None)
+        self.teacher.load_state_dict(state["teacher"]["model"])
+        self.teacher.to(self.device).eval()
+        step = state.get("step") or {}
+        self.emd = self.refiner = None
+        if self.variant.emd:
+            self.emd = build_emd(self.config, num_classes)
+            self.emd.load_state_dict(step["emd"])
+            self.emd.to(self.device).eval()
+        if self.variant.plar:
+            self.refiner = build_refiner(self.config, num_classes)
+            self.refiner.load_state_dict(step["refiner"])
+            self.refiner.to(self.device).eval()
+            if queue_budget != "config":
+                self.refiner.queue_budget = queue_budget
+
+    @property
+    def queues(self) -> bool:
+        """Whether any pixel can be queued (tsf alone masks no errors)."""
+        return self.variant.masks_errors
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, partial: np.ndarray | None = None) -> Targets:
+        """Targets of one `H x W x 3` uint8 image; `partial`: its labels, 255 = unlabelled."""
+        x = normalize(image)[None].to(self.device)
+        if partial is None:
+            partial = np.full(image.shape[:2], IGNORE_INDEX)
+        mask = torch.as_tensor(partial, dtype=torch.long, device=self.device)[None]
+        out = self.teacher(x, return_features=True)
+        probs = out.logits.float().softmax(1)
+        return make_targets(
+            self.variant, self.config, probs, out.aspp, out.decoder, mask, self.emd, self.refiner
+        )
+
+
+def queued_maps(
+    state: dict, samples: Sequence[Sample], device: str | torch.device = "cpu"
+) -> list[np.ndarray] | None:
+    """Per sample, the `H x W` bool pixels a finished tsf cycle queues for manual labelling
+    (PLAR's disagreements within its budget; the whole error mask without PLAR); None for
+    a variant that queues nothing. Samples carry their partial masks."""
+    refinement = PoolRefinement(state, device)
+    if not refinement.queues:
+        return None
+    return [refinement(s.image, s.mask).queued[0].cpu().numpy() for s in samples]
+
+
 # --------------------------------------------------------------------------- audit
 
 
-@torch.no_grad()
 def plar_audit(
     state: dict,
     samples: Sequence[Sample],
@@ -426,16 +496,16 @@ def plar_audit(
     limit: int | None = None,
 ) -> dict:
     """How the error mask and PLAR of a finished tsf cycle treat images whose ground truth
-    is known (the simulator's pool): the teacher pseudo-labels each whole image, the EMD and
-    PLAR refine it as in training (with the cycle's final statistics), and every decision is
+    is known (the simulator's pool): `PoolRefinement` of each whole image, every decision
     checked against `truth` (`H x W` masks, 255 = void, not counted).
 
-    `state` is `TrainResult.state`; `samples` carry their partial masks (labelled pixels are
-    not pseudo-labelled and not counted). Returns pixel counts and rates: `error` (flagged),
-    `error_precision` / `error_recall` (flagged pixels whose pseudo-label is wrong / wrong
-    pseudo-labels flagged), `corrected`, `corrected_right`, `corrected_pl_right` (the old
-    pseudo-label was right there), `changed`, `changed_right`, `queued`, `queued_pl_wrong`,
-    `pl_accuracy` before and `target_accuracy` after refinement (over trained pixels).
+    `samples` carry their partial masks (labelled pixels are not pseudo-labelled and not
+    counted); PLAR's budget is lifted to show every disagreement. Returns pixel counts and
+    rates: `error` (flagged), `error_precision` / `error_recall` (flagged pixels whose
+    pseudo-label is wrong / wrong pseudo-labels flagged), `corrected`, `corrected_right`,
+    `corrected_pl_right` (the old pseudo-label was right there), `changed`,
+    `changed_right`, `queued`, `queued_pl_wrong`, `pl_accuracy` before and
+    `target_accuracy` after refinement (over trained pixels).
     `limit`: audit at most this many images, evenly spaced.
     """
     if len(samples) != len(truth):
@@ -443,26 +513,7 @@ def plar_audit(
     if limit is not None and len(samples) > limit:
         keep = np.linspace(0, len(samples) - 1, limit).round().astype(int)
         samples, truth = [samples[i] for i in keep], [truth[i] for i in keep]
-    config = TrainConfig.from_dict(state["config"])
-    variant = VARIANTS.get(config.method)
-    if variant is None:
-        raise ValueError(f"plar_audit needs a tsf method, not {config.method!r}")
-    num_classes = state["num_classes"]
-    teacher = DeepLabV3Plus(num_classes, None)
-    teacher.load_state_dict(state["teacher"]["model"])
-    teacher.to(device).eval()
-    step = state.get("step") or {}
-    emd = refiner = None
-    if variant.emd:
-        emd = build_emd(config, num_classes)
-        emd.load_state_dict(step["emd"])
-        emd.to(device).eval()
-    if variant.plar:
-        refiner = build_refiner(config, num_classes)
-        refiner.load_state_dict(step["refiner"])
-        refiner.to(device).eval()
-        refiner.queue_budget = None  # no per-step budget: show every disagreement
-
+    refinement = PoolRefinement(state, device, queue_budget=None)
     keys = (
         "pixels",
         "pl_right",
@@ -481,14 +532,8 @@ def plar_audit(
     )
     c = dict.fromkeys(keys, 0)
     for sample, gt in zip(samples, truth, strict=True):
-        x = normalize(sample.image)[None].to(device)
-        partial = sample.mask if sample.mask is not None else np.full(gt.shape, IGNORE_INDEX)
-        partial = torch.as_tensor(partial, dtype=torch.long, device=device)[None]
-        out = teacher(x, return_features=True)
-        t = make_targets(
-            variant, config, out.logits.softmax(1), out.aspp, out.decoder, partial, emd, refiner
-        )
-        gt = torch.as_tensor(gt, dtype=torch.long, device=device)[None]
+        t = refinement(sample.image, sample.mask)
+        gt = torch.as_tensor(gt, dtype=torch.long, device=refinement.device)[None]
         known = (gt != IGNORE_INDEX) & t.unlabelled
         pl_right = t.raw == gt
         right = t.label == gt
@@ -516,7 +561,7 @@ def plar_audit(
         return c[a] / c[b] if c[b] else None
 
     return {
-        "method": config.method,
+        "method": refinement.config.method,
         "images": len(samples),
         **c,
         "pl_accuracy": rate("pl_right", "pixels"),

@@ -17,6 +17,7 @@ from model.acquisition import (
     RandomScore,
     block_scores,
     image_score,
+    prioritise,
     region_size_for,
     regions_mask,
     select_blocks,
@@ -74,6 +75,20 @@ def test_uniform_block_ranks_first(heuristic):
     grid = block_scores(heuristic.compute_score(probs), 10)
     best = select_blocks([grid], per_image=1)
     assert [(r.x, r.y, r.w, r.h) for r in best] == [(30, 10, 10, 10)]
+
+
+def test_queued_pixels_rank_first_then_the_heuristic():
+    probs = confident(5, 40, 60)
+    probs[:, 10:20, 30:40] = 0.2  # the most uncertain block
+    queued = np.zeros((40, 60), dtype=bool)
+    queued[20:30, 0:10] = True  # a confident block, entirely queued
+    queued[0:5, 50:60] = True  # half a confident block queued
+    score = prioritise(Entropy().compute_score(probs), queued, math.log(5))
+    ranked = select_blocks([block_scores(score, 10)], per_image=3)
+    assert [(r.x, r.y) for r in ranked] == [(0, 20), (30, 10), (50, 0)]
+    assert prioritise(score, None, 9.0) is score
+    with pytest.raises(ValueError, match="priority map"):
+        prioritise(score, queued[:, :30], 1.0)
 
 
 def test_nan_block_never_first():
@@ -265,13 +280,16 @@ def test_score_pool_matches_direct_computation(capsys):
     model, images = TinySegmenter().eval(), pool(5)
     labelled = [None, np.zeros((48, 48), dtype=bool), None, None, None]
     labelled[1][:16, :16] = True
+    queued = [None, None, np.zeros((48, 48), dtype=bool), None, None]
+    queued[2][30:40, 5:9] = True
     result = acq.score_pool(
-        model, images, Entropy(), 16, labelled, batch_size=2, device="cpu", progress=False
-    )
+        model, images, Entropy(), 16, labelled, batch_size=2, device="cpu", progress=False,
+        priority_maps=queued, priority_weight=3.0,
+    )  # fmt: skip
     assert "images/s" in capsys.readouterr().err
     assert len(result.grids) == 5 and result.images_per_s > 0
     for i, probs in enumerate(predict_probabilities(model, images, 1, "cpu")):
-        score = Entropy().compute_score(probs)
+        score = prioritise(Entropy().compute_score(probs), queued[i], 3.0)
         np.testing.assert_allclose(
             result.grids[i].scores, block_scores(score, 16, labelled[i]).scores, rtol=1e-5
         )

@@ -139,6 +139,19 @@ def test_smoke_end_to_end(camvid_root, tmp_path):
     assert (out / "results.md").read_text() == table
 
 
+def test_tsf_plar_row_labels_queued_pixels_first(camvid_root, tmp_path):
+    out = tmp_path / "run"
+    assert simulate.main(_argv(camvid_root, out, "--rows", "entropy-regions@tsf-plar")) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["method"] == "tsf-plar" and row["complete"]
+    acquired, plar = row["cycles"][1]["acquired"], row["cycles"][1]["plar"]
+    assert acquired["regions"] == 2 * 6
+    assert 0 <= acquired["queued_acquired"] <= min(acquired["queued_pixels"], acquired["pixels"])
+    # an image with queued pixels gives its first block to them
+    assert (acquired["queued_acquired"] > 0) == (acquired["queued_pixels"] > 0)
+    assert plar["images"] == 6 and plar["corrected_right"] <= plar["corrected"]
+
+
 def test_resume_continues_an_interrupted_row(camvid_root, tmp_path):
     out = tmp_path / "run"
     argv = _argv(camvid_root, out, "--rows", "random-regions")

@@ -12,7 +12,14 @@ from model.data import IGNORE_INDEX, load_folder, read_classes, read_split
 from model.plar import PseudoLabelRefiner
 from model.ssl import cross_pseudo_supervision_loss
 from model.train import STEPS, Trainer, train_cycle
-from model.tsf import VARIANTS, TsfStep, make_targets, plar_audit
+from model.tsf import (
+    VARIANTS,
+    PoolRefinement,
+    TsfStep,
+    make_targets,
+    plar_audit,
+    queued_maps,
+)
 
 
 def test_cps_loss_is_symmetric_in_its_two_networks():
@@ -157,6 +164,19 @@ def test_short_tsf_plar_cycle_on_the_fixture(fixture_sets):
         for s, t in zip(unlabelled, truth, strict=True)
     )
     assert report["pixels"] == known
+
+    # what acquisition labels first: within PLAR's budget, never on labelled pixels
+    queued = queued_maps(result.state, unlabelled)
+    assert [q.shape for q in queued] == [s.image.shape[:2] for s in unlabelled]
+    assert all(q.dtype == bool for q in queued)
+    assert not (queued[0] & (unlabelled[0].mask != IGNORE_INDEX)).any()
+    budget = result.state["config"]["tsf_plar_queue_budget"]
+    assert all(q.mean() <= budget + 1e-9 for q in queued)
+    unbounded = PoolRefinement(result.state, queue_budget=None)
+    for sample, q in zip(unlabelled, queued, strict=True):
+        assert not (q & ~unbounded(sample.image, sample.mask).queued[0].numpy()).any()
+    assert queued_maps(train_cycle(_config("tsf"), labelled, unlabelled, num_classes).state,
+                       unlabelled) is None  # fmt: skip
 
 
 def test_tsf_only_cycle_and_resume_of_an_unfinished_state(fixture_sets):

@@ -460,8 +460,9 @@ def score_pool(
     labelled), or None. ``priority_maps[i]`` (bool, or None): pixels to label first,
     ``priority_weight`` added to their score (see ``prioritise``). Probabilities come one
     image at a time from ``model.inference.predict_probabilities`` and are dropped once
-    reduced to a block grid and an image score, so memory does not grow with the pool. A heuristic with
-    ``needs_model = False`` (random) skips the network. Prints images per second.
+    reduced to a block grid and an image score, so memory does not grow with the pool. A
+    heuristic with ``needs_model = False`` (random) skips the network. Prints images per
+    second.
     """
     from model import inference  # imported here: acquisition alone needs no network code
 

@@ -23,7 +23,10 @@
 5. **Acquire**: ACQUISITION (entropy, ...) with ACQUIRE_WITH (student/teacher) over the
    pool images without a full annotation; REGION_SIZE blocks (0 = 30 px per 360 px of
    height), never a block already labelled or already pushed, REGIONS_PER_IMAGE per image,
-   REGIONS_PER_CYCLE in all. Each becomes a task: the same image URL, data
+   REGIONS_PER_CYCLE in all. With METHOD tsf-plar (or an ablation that masks errors), the
+   pixels PLAR queues for manual labelling (its votes disagree) rank first
+   (`model.acquisition.prioritise`), the heuristic orders the rest. Each becomes a task:
+   the same image URL, data
    `{image, source_task, x, y, w, h, region_id, uncertainty, cycle_version}` (pixels of
    the original image; `uncertainty` = the block's mean score, a sortable Data Manager
    column; `cycle_version` = the version that chose it: a version acquires once), and a
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -210,7 +214,7 @@ class Cycle:
         if reuse:
             log.info("project %s: nothing changed since %s; reusing it", self.project, previous)
             version = previous
-            student = teacher = None  # loaded only if there is work for them
+            student = teacher = state = None  # loaded only if there is work for them
             metrics = current_meta.get("metrics") or {}
             labelled_fraction = current_meta.get("labelled_fraction")
             trained = False
@@ -246,16 +250,16 @@ class Cycle:
             (p or {}).get("model_version") == version for p in t.get("predictions") or [])}
         open_regions = [int(r["task"]["id"]) for item in pool.values() for r in item.regions
                         if not r.get("labelled") and pick_annotation(r["task"]) is None]
-        pushed = 0
+        pushed = queued = 0
         if acquired and have.issuperset(list(pool) + open_regions):
             log.info("project %s: every task has a %s prediction and its regions are pushed; "
                      "nothing to do", self.project, version)
             regions = []
         else:
             if teacher is None:
-                student, teacher = self.load_models(version)
-            regions, pushed = self.acquire(label_map, pool, student, teacher, version,
-                                           select=not acquired, have=have)
+                student, teacher, state = self.load_models(version)
+            regions, pushed, queued = self.acquire(label_map, pool, student, teacher, version,
+                                                   select=not acquired, have=have, state=state)
         self.timed("acquire_s", t0)
         t0 = time.monotonic()
         created = self.push_regions(label_map, regions, version)
@@ -274,6 +278,7 @@ class Cycle:
             "regions_created": len(created),
             "region_ids": [r["data"]["region_id"] for r in regions],
             "predictions_pushed": pushed,
+            "queued_pixels": queued,
             "project_model_version": followed,
             "skipped": self.skipped[:MAX_SKIPPED_REPORTED],
             "skipped_count": len(self.skipped),
@@ -449,7 +454,7 @@ class Cycle:
             student = DeepLabV3Plus(len(meta["classes"]), backbone_weights=None)
             student.load_state_dict(state["student"])
             student = student.to(self.settings.resolve_device()).eval()
-        return student, model
+        return student, model, state
 
     def train_config(self, warm: bool):
         from model.config import TrainConfig
@@ -519,13 +524,15 @@ class Cycle:
 
     # ------------------------------------------------------------------ 5-6: acquire, predict
     def acquire(self, label_map: LabelMap, pool: dict[int, PoolItem], student, teacher,
-                version: str, select: bool = True, have: set[int] | frozenset = frozenset()
-                ) -> tuple[list[dict], int]:
+                version: str, select: bool = True, have: set[int] | frozenset = frozenset(),
+                state: dict | None = None) -> tuple[list[dict], int, int]:
         """One pass over the pool: a prediction of the served model (the teacher) for every
         task, pushed to Label Studio in chunks as it goes (tasks in `have` already hold
-        one), and block scores (ACQUIRE_WITH's network) for the acquisition pool. Returns
-        the region tasks to import and the number of predictions pushed."""
-        from model.acquisition import BlockSelector, block_scores, get_heuristic
+        one), and block scores (ACQUIRE_WITH's network) for the acquisition pool, queued
+        pixels first when `state` (the version's train state) is a tsf method's. Returns
+        the region tasks to import, the number of predictions pushed and of queued pixels
+        in the acquisition pool."""
+        from model.acquisition import BlockSelector, block_scores, get_heuristic, prioritise
         from model.inference import predict_probabilities
 
         s = self.settings
@@ -541,7 +548,9 @@ class Cycle:
             log.info("project %s: regions of %s are already in Label Studio; none added",
                      self.project, version)
         outbox: list[dict] = []
-        pushed = made = 0
+        pushed = made = queued_pixels = 0
+        refinement = self.queue_refinement(state) if selector is not None else None
+        queue_weight = math.log(len(label_map.classes))  # entropy's range: queued first
 
         def send(prediction: dict, final: bool = False) -> None:
             nonlocal pushed
@@ -591,6 +600,10 @@ class Cycle:
                 score_map = heuristic.compute_score(score_probs)
             else:
                 score_map = heuristic.random_map(*item.image.shape[:2])
+            if refinement is not None:
+                queued = refinement(item.image, item.mask).queued[0].cpu().numpy() & ~taken
+                queued_pixels += int(queued.sum())
+                score_map = prioritise(score_map, queued, queue_weight)
             selector.add(index, block_scores(score_map, block, taken))
         send({}, final=True)
         chosen = selector.regions()[:per_cycle] if selector is not None else []
@@ -598,7 +611,20 @@ class Cycle:
         log.info("project %s: %d predictions made, %d pushed; %d regions selected (%s with "
                  "the %s)", self.project, made, pushed, len(regions), s.acquisition,
                  s.acquire_with)
-        return regions, pushed
+        if refinement is not None:
+            log.info("project %s: %d pixels queued by %s labelled first", self.project,
+                     queued_pixels, refinement.config.method)
+        return regions, pushed, queued_pixels
+
+    def queue_refinement(self, state: dict | None):
+        """The version's teacher, EMD and PLAR over whole images (model.tsf.PoolRefinement)
+        when it was trained by a tsf method that queues pixels, else None."""
+        from model.tsf import VARIANTS, PoolRefinement
+
+        if not state or (state.get("config") or {}).get("method") not in VARIANTS:
+            return None
+        refinement = PoolRefinement(state, self.settings.resolve_device())
+        return refinement if refinement.queues else None
 
     def region_prediction(self, task_id: int, label_map: LabelMap, classes: np.ndarray,
                           confidence: np.ndarray, region: dict, version: str) -> dict:

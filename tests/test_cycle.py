@@ -356,3 +356,32 @@ def test_cycle_region_ids_are_deterministic():
         '<Label value="Region"/></RectangleLabels></View>'), (120, 160), 16, 12, 8, 6)[
         "value"] == {"x": 10.0, "y": 10.0, "width": 5.0, "height": 5.0, "rotation": 0,
                      "rectanglelabels": ["Region"]}
+
+
+def test_tsf_plar_cycle_acquires_queued_pixels_first(studio, tmp_path):
+    """METHOD=tsf-plar: the version keeps its EMD and PLAR, and the regions it pushes cover
+    the pixels PLAR queues (recomputed here from the saved train state)."""
+    from model.data import read_image
+    from model.tsf import PoolRefinement
+
+    project, ids, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED)
+    settings = Settings.from_env(env_for(studio, tmp_path, METHOD="tsf-plar"))
+    result = run_cycle(settings, project, reason="test")
+    assert result["status"] == "done" and result["trained"]
+    _, meta = project_store(settings.model_dir, project).load(result["version"])
+    assert meta["method"] == "tsf-plar" and meta["train_state"]["step"]["refiner"]
+
+    refinement = PoolRefinement(meta["train_state"])
+    queued = {tid: refinement(read_image(CAMVID / "train" / name)).queued[0].numpy()
+              for name, tid in ids.items() if name not in ANNOTATED}
+    assert result["queued_pixels"] == sum(int(q.sum()) for q in queued.values()) > 0
+    log_c = np.log(len(LabelMap.from_config(studio.projects[project]["label_config"]).classes))
+    shares = []
+    for task in region_tasks(studio, project):
+        d = task["data"]
+        share = queued[d["source_task"]][d["y"]:d["y"] + d["h"], d["x"]:d["x"] + d["w"]].mean()
+        # the block's score is its mean entropy plus log C per queued pixel
+        assert d["uncertainty"] >= log_c * share - 1e-5
+        shares.append(share)
+    everywhere = np.mean([q.mean() for q in queued.values()])
+    assert max(shares) > 0 and np.mean(shares) > everywhere

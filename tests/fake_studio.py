@@ -187,7 +187,7 @@ class FakeStudio:
         task["total_predictions"] = len(task["predictions"])
         task["is_labeled"] = len(live) > 0
 
-    def _add_prediction(self, task_id: int, item: dict) -> dict:
+    def add_prediction(self, task_id: int, item: dict) -> dict:
         task = self.tasks[task_id]
         pred = {
             "id": next(self._ids["prediction"]),
@@ -371,7 +371,7 @@ class FakeStudio:
                     data = item.get("data", item)
                     tid = studio.add_task(pid, data)
                     for pred in item.get("predictions", []) or []:
-                        studio._add_prediction(tid, pred)
+                        studio.add_prediction(tid, pred)
                         n_pred += 1
                     ids.append(tid)
                 response = {
@@ -404,7 +404,7 @@ class FakeStudio:
                             400,
                         )
                 for item in items:
-                    studio._add_prediction(item["task"], item)
+                    studio.add_prediction(item["task"], item)
                 return jsonify(created=len(items)), 201
 
         @app.post("/api/predictions/")
@@ -413,7 +413,7 @@ class FakeStudio:
                 item = request.get_json(force=True)
                 if item.get("task") not in studio.tasks:
                     return jsonify(task=["Invalid pk - object does not exist."]), 400
-                return jsonify(studio._add_prediction(item["task"], item)), 201
+                return jsonify(studio.add_prediction(item["task"], item)), 201
 
         @app.get("/data/upload/<int:pid>/<path:name>")
         def upload(pid, name):

@@ -214,6 +214,21 @@ def test_no_annotation_yet_trains_nothing(studio, tmp_path):
     assert not region_tasks(studio, project)
 
 
+def test_project_model_version_naming_foreign_predictions_is_left_alone(studio, tmp_path):
+    """The user chose another source's predictions in the Data Manager: keep showing them."""
+    project, ids, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED)
+    foreign = next(tid for name, tid in ids.items() if name not in ANNOTATED)
+    studio.add_prediction(foreign, {"result": [], "score": 0.5, "model_version": "sam-1"})
+    studio.projects[project]["model_version"] = "sam-1"
+    settings = Settings.from_env(env_for(studio, tmp_path))
+    result = run_cycle(settings, project)
+    assert result["status"] == "done"
+    assert result["project_model_version"] == "sam-1"
+    assert studio.projects[project]["model_version"] == "sam-1"
+    versions = [p["model_version"] for p in studio.tasks[foreign]["predictions"]]
+    assert versions == ["sam-1", result["version"]]  # ours pushed beside it
+
+
 # --------------------------------------------------------------------------- Label Studio failing
 def test_label_studio_refusing_fails_with_its_message(studio, tmp_path):
     project, _, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED)

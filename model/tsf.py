@@ -34,7 +34,10 @@ the trade-off module and the pool statistics are per process (not synchronised),
 in fp32 whatever the trainer's mixed precision.
 
 Manual labelling happens where this project already does it: the active-learning cycle's
-region acquisition. During training, queued pixels are counted (and ignored by the loss).
+region acquisition. During training, queued pixels are counted (and ignored by the loss);
+after the cycle, `queued_maps` recomputes them on whole pool images (`PoolRefinement`) and
+acquisition offers the blocks holding them first (`model.acquisition.prioritise`; in the
+simulator and the service alike).
 
 Per-iteration counters (`TsfStep.metrics`, in the training history): shares of unlabelled
 pixels in the error mask, corrected, changed by the correction and queued, and the EMD's

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import distributed
+
 IGNORE_INDEX = 255
 
 
@@ -372,8 +374,9 @@ def merge_statistics(
 
 class RunningClassStatistics:
     """The labelled pool's class statistics as exponentially decayed moments: each `update`
-    multiplies the old moments by `momentum` and adds the batch's. Plain tensors (not a
-    module); `state_dict` / `load_state_dict` for warm starts."""
+    multiplies the old moments by `momentum` and adds the batch's (under torchrun the global
+    batch's: every rank must call it, and every rank keeps the same moments). Plain tensors
+    (not a module); `state_dict` / `load_state_dict` for warm starts."""
 
     def __init__(
         self,
@@ -394,6 +397,10 @@ class RunningClassStatistics:
 
     def update(self, features: Tensor, labels: Tensor) -> None:
         count, total, outer = class_moments(features, labels, self.num_classes)
+        for moment in (count, total, outer):
+            distributed.all_reduce_sum(moment)
+        if not bool(count.any()):  # nothing labelled anywhere: no decay either
+            return
         if self.count.device != count.device:
             self.to(count.device)
         m = self.momentum
@@ -662,12 +669,12 @@ class PseudoLabelRefiner(nn.Module):
         fa, fd = self._pixels(fa), self._pixels(fd)
         keep = y < self.num_classes
         fa, fd, y = fa[keep], fd[keep], y[keep]
-        if y.numel() == 0:
-            return sum(p.sum() * 0.0 for p in self.weights.parameters())
         order = torch.randperm(y.numel(), device=y.device)
         pick = order[: self.max_observed_pixels]
-        self.pool_aspp.update(fa[pick], y[pick])
+        self.pool_aspp.update(fa[pick], y[pick])  # collective under torchrun: on every rank
         self.pool_decoder.update(fd[pick], y[pick])
+        if y.numel() == 0:
+            return sum(p.sum() * 0.0 for p in self.weights.parameters())
         pick = order[: self.weight_loss_pixels]
         fa, fd, y = fa[pick], fd[pick], y[pick]
         return self.weights.loss(

@@ -29,9 +29,10 @@ Methods (the ablation rows of the paper's Table 5; `VARIANTS`):
 
 A finished cycle's state warm-starts the next (`TsfStep.warm_start`): friend, EMD and PLAR
 continue like the student and the teacher. The cold start trains the friend as well. The
-friend trains through `Trainer.distribute` (DDP under torchrun, like the student); the EMD,
-the trade-off module and the pool statistics are per process (not synchronised), and run
-in fp32 whatever the trainer's mixed precision.
+friend trains through `Trainer.distribute` (DDP under torchrun, like the student); under
+torchrun the EMD and the trade-off module start from rank 0's weights and average their
+gradients, and the pool statistics add the global labelled batch, so every rank keeps the
+same ones. They run in fp32 whatever the trainer's mixed precision.
 
 Manual labelling happens where this project already does it: the active-learning cycle's
 region acquisition. During training, queued pixels are counted (and ignored by the loss);
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model import distributed
 from model import train as _train
 from model.config import TrainConfig
 from model.data import IGNORE_INDEX, Sample, normalize
@@ -236,7 +238,10 @@ class TsfStep(_train.S4ALStep):
             build_refiner(config, num_classes).to(trainer.device) if self.variant.plar else None
         )
         aux = [m for m in (self.emd, self.refiner) if m is not None]
+        for module in aux:  # rank 0's initial weights everywhere; gradients averaged below
+            distributed.broadcast_module(module)
         params = [p for m in aux for p in m.parameters()]
+        self.aux_params = params
         self.aux_optimizer = torch.optim.Adam(params, lr=config.tsf_emd_lr) if params else None
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.last: dict[str, float] = {}
@@ -337,6 +342,7 @@ class TsfStep(_train.S4ALStep):
             self.last["plar_weight_loss"] = weight_loss.item()
         self.aux_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.aux_params)
         self.aux_optimizer.step()
         return emd_logits
 

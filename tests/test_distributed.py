@@ -475,6 +475,37 @@ def test_two_rank_training_cycle_equals_one_process_with_the_global_batch(tmp_pa
     assert moved > 1e-2, moved
 
 
+def _worker_tsf_plar_cycle(ctx: mdist.DistContext, out: Path) -> None:
+    from model.train import Trainer
+
+    samples = _fixture_samples()
+    labelled, unlabelled = samples[:3], [replace(s, mask=None) for s in samples[3:]]
+    config = _cycle_config(2, method="tsf-plar", cold_start_iterations=1, crop_size=(48, 64))
+    trainer = Trainer(config, labelled, unlabelled, 11)
+    trainer.fit()
+    step = trainer.step
+    pools = {"aspp": step.refiner.pool_aspp, "decoder": step.refiner.pool_decoder}
+    moments = {f"{name}.{k}": v for name, pool in pools.items() for k, v in
+               pool.state_dict().items()}  # fmt: skip
+    mdist.assert_same_on_all_ranks(step.emd, "EMD")
+    mdist.assert_same_on_all_ranks(step.refiner.weights, "PLAR trade-off weights")
+    mdist.assert_same_on_all_ranks(moments, "PLAR pool statistics")
+    mdist.assert_same_on_all_ranks(trainer.teacher.model, "teacher")
+    if ctx.is_main:
+        torch.save({"count": moments["aspp.count"], "emd": step.emd.state_dict()}, out / "tsf.pt")
+
+
+@pytest.mark.slow
+def test_two_rank_tsf_plar_keeps_emd_and_plar_statistics_identical(tmp_path):
+    """Under torchrun the EMD and PLAR's trade-off module average their gradients and the
+    pool statistics add the global labelled batch: every rank ends with the same ones
+    (each rank asserts it), and the statistics saw both ranks' pixels."""
+    _run_spawned("_worker_tsf_plar_cycle", tmp_path)
+    saved = torch.load(tmp_path / "tsf.pt", weights_only=False)
+    assert saved["count"].sum() > 0
+    assert all(torch.isfinite(v).all() for v in saved["emd"].values() if v.is_floating_point())
+
+
 @pytest.mark.slow
 def test_launch_train_cycle_runs_s4al_on_two_ranks_through_torchrun():
     """The RQ job's NUM_GPUS > 1 path, on CPU: torchrun, two gloo ranks, the real s4al

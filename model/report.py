@@ -116,11 +116,42 @@ def markdown(results: dict) -> str:
         if row["cycles"]:
             iou = row["cycles"][-1]["iou"]
             lines.append(f"| {row['row']} | " + " | ".join(_pct(v) for v in iou) + " |")
+    lines += plar_table(rows)
     commands = sorted({row.get("command", "") for row in rows if row.get("command")})
     if commands:
         lines += ["", "Commands:", "", "```", *commands, "```"]
     lines.append("")
     return "\n".join(lines)
+
+
+def plar_table(rows: list[dict]) -> list[str]:
+    """Markdown lines on what the tsf rows' error masks, PLAR and queue did at each cycle
+    (`model.tsf.plar_audit` against the truth, and the queued pixels acquisition took);
+    none without such rows."""
+    audited = [(row, r) for row in rows for r in row["cycles"] if r.get("plar")]
+    if not audited:
+        return []
+    lines = [
+        "",
+        "Error mask, PLAR and queue (pixels of 64 pool images after each cycle, against the "
+        "truth; queued = what acquisition labels first in the next cycle):",
+        "",
+        "| row | cycle | error mask | precision % | recall % | corrected | right % "
+        "| pseudo-label right there % | disagreeing | PL accuracy % | trained-target accuracy % "
+        "| queued px acquired (before this cycle) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, r in audited:
+        a, q = r["plar"], r.get("acquired") or {}
+        taken = q.get("queued_acquired")
+        taken = "-" if taken is None else f"{taken} of {q['pixels']}"
+        lines.append(
+            f"| {row['row']} | {r['cycle']} | {a['error']} | {_pct(a['error_precision'])} | "
+            f"{_pct(a['error_recall'])} | {a['corrected']} | {_pct(a['corrected_accuracy'])} | "
+            f"{_pct(a['corrected_pl_accuracy'])} | {a['queued']} | {_pct(a['pl_accuracy'])} | "
+            f"{_pct(a['target_accuracy'])} | {taken} |"
+        )
+    return lines
 
 
 def plot(results: dict, path: str | Path) -> None:

@@ -150,6 +150,10 @@ def test_tsf_plar_row_labels_queued_pixels_first(camvid_root, tmp_path):
     # an image with queued pixels gives its first block to them
     assert (acquired["queued_acquired"] > 0) == (acquired["queued_pixels"] > 0)
     assert plar["images"] == 6 and plar["corrected_right"] <= plar["corrected"]
+    table = (out / "results.md").read_text()
+    line = next(x for x in table.splitlines() if x.startswith("| entropy-regions@tsf-plar | 1 |"))
+    assert line.endswith(f"| {acquired['queued_acquired']} of {acquired['pixels']} |")
+    assert f"| {plar['corrected']} |" in line
 
 
 def test_resume_continues_an_interrupted_row(camvid_root, tmp_path):

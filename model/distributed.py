@@ -263,6 +263,9 @@ def cleanup_distributed(ctx: DistContext | None = None) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if ctx is None or ctx.owns_group:
+        # every rank past its last collective first: a gloo peer that closes its sockets
+        # while the other still reads the last message aborts that process (SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -11,7 +11,8 @@ schedule: val mIoU of the student and the EMA teacher, the mean training loss of
         --data ../shared/data/camvid --iterations 1000 --sets split,all
 
 Sets: `split` (the --split file), `all` (every train image), `randomN` (N random train
-images outside the split, seeded).
+images outside the split, seeded). `--report DIR` merges the `--out` files of several runs
+in DIR into `results.md` and `results.png`.
 """
 
 from __future__ import annotations
@@ -86,12 +87,40 @@ def checkpoint(name, images, trainer: Trainer, losses, start, val) -> dict:
     }
 
 
-def table(records: list[dict]) -> str:
-    keys = ("set", "images", "iteration", "train_loss", "val_student", "val_teacher",
+def table(records: list[dict], *first: str) -> str:
+    keys = (*first, "set", "images", "iteration", "train_loss", "val_student", "val_teacher",
             "start_student")  # fmt: skip
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in records]
     return "\n".join(lines)
+
+
+def report(folder: Path) -> None:
+    """Every run's JSON in `folder` -> `results.md` (one table) and `results.png` (val mIoU
+    of the teacher against iterations, one line per set and schedule)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    records = [dict(r, schedule=run["args"]["iterations"]) for run in runs for r in run["records"]]
+    records.sort(key=lambda r: (r["schedule"], r["set"], r["iteration"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for schedule, name in sorted({(r["schedule"], r["set"]) for r in records}):
+        mine = [r for r in records if (r["schedule"], r["set"]) == (schedule, name)]
+        label = f"{name} ({mine[0]['images']} images), {schedule}-iteration schedule"
+        ax.plot([r["iteration"] for r in mine], [r["val_teacher"] for r in mine], "o-", label=label)
+    ax.set(xlabel="iteration", ylabel="val mIoU of the EMA teacher (%)",
+           title="Supervised, same weights and seed: labelled-set size")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "results.png")
+    plt.close(fig)
+    command = "python -m benchmarks.labelled_set_size --report " + str(folder)
+    text = ["# Labelled-set size at the camvid-cpu schedule", "", f"`{command}`", ""]
+    (folder / "results.md").write_text("\n".join([*text, table(records, "schedule"), ""]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downscale", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the records as JSON here")
+    parser.add_argument("--report", help="a folder of --out files: write its table and plot")
     args = parser.parse_args(argv)
+    if args.report:
+        report(Path(args.report))
+        return 0
     data = Path(args.data)
     split = set(read_split(args.split or data / "splits" / "labeled_10pct_seed0.txt"))
     train = load_folder(data, "train", args.downscale)

@@ -508,14 +508,12 @@ def shared_cycle0(ctx: Context, spec: RowSpec, labels: LabelState):
 
 
 def pool_queue(
-    ctx: Context, labels: LabelState, pool: Sequence[int], state: dict
+    ctx: Context, labels: LabelState, pool: Sequence[int], state: dict | None
 ) -> list[np.ndarray] | None:
     """The pixels a finished tsf cycle queues for manual labelling in each pool image (with
     its partial labels), or None for rows that queue nothing."""
-    from model.tsf import VARIANTS, queued_maps
+    from model.tsf import queued_maps
 
-    if state is None or TrainConfig.from_dict(state["config"]).method not in VARIANTS:
-        return None
     samples = [Sample(ctx.train[i].name, ctx.train[i].image, labels.mask(i)) for i in pool]
     return queued_maps(state, samples, ctx.device)
 

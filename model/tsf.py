@@ -463,11 +463,6 @@ class PoolRefinement:
             if queue_budget != "config":
                 self.refiner.queue_budget = queue_budget
 
-    @property
-    def queues(self) -> bool:
-        """Whether any pixel can be queued (tsf alone masks no errors)."""
-        return self.variant.masks_errors
-
     @torch.no_grad()
     def __call__(self, image: np.ndarray, partial: np.ndarray | None = None) -> Targets:
         """Targets of one `H x W x 3` uint8 image; `partial`: its labels, 255 = unlabelled."""
@@ -482,14 +477,25 @@ class PoolRefinement:
         )
 
 
+def queue_refinement(
+    state: dict | None, device: str | torch.device = "cpu"
+) -> PoolRefinement | None:
+    """`PoolRefinement` of a finished cycle whose method queues pixels for manual labelling;
+    None for any other state (no state, s4al, tsf alone: it masks no errors)."""
+    variant = VARIANTS.get(((state or {}).get("config") or {}).get("method"))
+    if variant is None or not variant.masks_errors:
+        return None
+    return PoolRefinement(state, device)
+
+
 def queued_maps(
-    state: dict, samples: Sequence[Sample], device: str | torch.device = "cpu"
+    state: dict | None, samples: Sequence[Sample], device: str | torch.device = "cpu"
 ) -> list[np.ndarray] | None:
     """Per sample, the `H x W` bool pixels a finished tsf cycle queues for manual labelling
     (PLAR's disagreements within its budget; the whole error mask without PLAR); None for
-    a variant that queues nothing. Samples carry their partial masks."""
-    refinement = PoolRefinement(state, device)
-    if not refinement.queues:
+    a state that queues nothing (`queue_refinement`). Samples carry their partial masks."""
+    refinement = queue_refinement(state, device)
+    if refinement is None:
         return None
     return [refinement(s.image, s.mask).queued[0].cpu().numpy() for s in samples]
 

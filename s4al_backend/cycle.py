@@ -534,6 +534,7 @@ class Cycle:
         in the acquisition pool."""
         from model.acquisition import BlockSelector, block_scores, get_heuristic, prioritise
         from model.inference import predict_probabilities
+        from model.tsf import queue_refinement
 
         s = self.settings
         device = s.resolve_device()
@@ -549,7 +550,7 @@ class Cycle:
                      self.project, version)
         outbox: list[dict] = []
         pushed = made = queued_pixels = 0
-        refinement = self.queue_refinement(state) if selector is not None else None
+        refinement = queue_refinement(state, device) if selector is not None else None
         queue_weight = math.log(len(label_map.classes))  # entropy's range: queued first
 
         def send(prediction: dict, final: bool = False) -> None:
@@ -615,16 +616,6 @@ class Cycle:
             log.info("project %s: %d pixels queued by %s labelled first", self.project,
                      queued_pixels, refinement.config.method)
         return regions, pushed, queued_pixels
-
-    def queue_refinement(self, state: dict | None):
-        """The version's teacher, EMD and PLAR over whole images (model.tsf.PoolRefinement)
-        when it was trained by a tsf method that queues pixels, else None."""
-        from model.tsf import VARIANTS, PoolRefinement
-
-        if not state or (state.get("config") or {}).get("method") not in VARIANTS:
-            return None
-        refinement = PoolRefinement(state, self.settings.resolve_device())
-        return refinement if refinement.queues else None
 
     def region_prediction(self, task_id: int, label_map: LabelMap, classes: np.ndarray,
                           confidence: np.ndarray, region: dict, version: str) -> dict:

@@ -52,9 +52,11 @@ from model import acquisition as acq
 from model.atomic import atomic_write, atomic_write_bytes
 from model.config import METHODS, TrainConfig
 from model.data import IGNORE_INDEX, Sample, load_folder, read_classes, read_split
+from model.precision import AMP_CHOICES
 from model.report import ROW_ORDER
 
 ACQUISITION_METHOD = "s4al"
+CHECKPOINT_EVERY_S = 600.0  # an unfinished cycle's state is saved this often (--resume)
 
 
 class SimulationError(RuntimeError):
@@ -85,6 +87,9 @@ class Protocol:
     backbone_weights: str | None = "auto"
     warm_start: bool = True
     ignore_aware_cost: bool = False
+    amp: str = "off"  # model.precision: "bf16" where the CPU or GPU has it
+    channels_last: bool = False
+    eval_every: int = 0  # > 0: val mIoU every N iterations, the cycle's curve in the JSON
     rows: tuple[str, ...] = ROW_ORDER
 
     @property
@@ -104,6 +109,21 @@ PROTOCOLS: dict[str, Protocol] = {
         downscale=2,
         crop=128,
         iterations=(250, 250, 500),
+    ),
+    "camvid-lab": Protocol(
+        name="camvid-lab",
+        description="the label-efficiency protocol (docs/BENCHMARKS.md): CamVid at 180x240, "
+        "crop 128, a 5% start (benchmarks/splits/camvid), 15 px blocks, 8 per image, cold "
+        "start + 2 acquisitions of 4000 + 2000 + 4000 iterations, bf16 + channels_last, a "
+        "val curve every 500 iterations; about 50 min per supervised and 2 h per S4AL row "
+        "on one core",
+        downscale=2,
+        crop=128,
+        iterations=(4000, 2000, 4000),
+        regions_per_image=8,
+        amp="bf16",
+        channels_last=True,
+        eval_every=500,
     ),
     "smoke": Protocol(
         name="smoke",
@@ -251,6 +271,11 @@ class LabelState:
             ],
         }
 
+    def restore(self, data: dict) -> None:
+        """Become the state ``data`` (``to_dict()`` output) describes."""
+        other = LabelState.from_dict(self.truth, data)
+        self.start, self.labelled, self.history = other.start, other.labelled, other.history
+
     @classmethod
     def from_dict(cls, truth: Sequence[np.ndarray], data: dict) -> LabelState:
         state = cls(truth, data["start"])
@@ -371,8 +396,10 @@ def cycle_config(ctx: Context, spec: RowSpec, cycle: int) -> TrainConfig:
         # Supplement S1: Balanced ClassMix starts once the first acquisition has happened
         balanced_classmix=cycle > 0,
         crop_size=(p.crop, p.crop),
-        eval_every=0,
+        eval_every=p.eval_every,
         eval_batch_size=p.eval_batch_size,
+        amp=p.amp,
+        channels_last=p.channels_last,
         seed=ctx.seed * 1000 + cycle,
         device=ctx.device,
         backbone_weights=p.backbone_weights,
@@ -405,9 +432,21 @@ def evaluate_networks(ctx: Context, nets: dict) -> dict:
     }
 
 
-def train_and_evaluate(ctx: Context, spec: RowSpec, cycle: int, labels: LabelState, init_state):
-    """Train one cycle and evaluate it -> (state, networks, metrics, train_s, eval_s)."""
-    from model.train import STEPS, train_cycle
+def train_and_evaluate(
+    ctx: Context,
+    spec: RowSpec,
+    cycle: int,
+    labels: LabelState,
+    init_state,
+    partial: Path | None = None,
+    partial_extra: dict | None = None,
+):
+    """Train one cycle and evaluate it -> (state, networks, metrics, train_s, eval_s).
+
+    With ``partial`` (a path), the unfinished cycle's state (and ``partial_extra``) is saved
+    there about every ``CHECKPOINT_EVERY_S`` seconds and training resumes from it, so a
+    stopped run loses at most that much of a cycle; the file goes once the cycle ends."""
+    from model.train import STEPS, Trainer
     from model.tsf import VARIANTS, plar_audit
 
     if spec.method not in STEPS:
@@ -426,19 +465,30 @@ def train_and_evaluate(ctx: Context, spec: RowSpec, cycle: int, labels: LabelSta
         f"({config.cold_start_iterations} cold start), crop {ctx.protocol.crop}"
     )
     started = time.monotonic()
-    result = train_cycle(
-        config,
-        labelled,
-        unlabelled,
-        ctx.num_classes,
-        val=None,
-        init_state=init_state,
-        progress=_progress_logger(ctx, spec, cycle),
-    )
+    unfinished = _load_partial(partial, config)
+    if unfinished:
+        ctx.log(f"[{spec.name} cycle {cycle}] resuming at iteration {unfinished['iteration']}")
+    trainer = Trainer(config, labelled, unlabelled, ctx.num_classes, unfinished or init_state)
+    log = _progress_logger(ctx, spec, cycle)
+    saved = [time.monotonic()]
+
+    def progress(info: dict) -> None:
+        log(info)
+        if partial and time.monotonic() - saved[0] > CHECKPOINT_EVERY_S:
+            if info["phase"] != "evaluate" and trainer.iteration < config.iterations:
+                atomic_torch_save(
+                    {"train_state": trainer.state_dict(), **(partial_extra or {})}, partial
+                )
+                saved[0] = time.monotonic()
+
+    result = trainer.fit(ctx.val if config.eval_every else None, progress)
+    if partial:
+        partial.unlink(missing_ok=True)
     train_s = time.monotonic() - started
     nets = {"student": result.student.eval(), "teacher": result.teacher.eval()}
+    metrics = {"curve": _curve(result.history)}
     started = time.monotonic()
-    metrics = evaluate_networks(ctx, nets)
+    metrics.update(evaluate_networks(ctx, nets))
     eval_s = time.monotonic() - started
     if spec.method in VARIANTS:  # tsf-plar and its ablations: PLAR's decisions vs the truth
         truth = {s.name: s.mask for s in ctx.train}
@@ -446,6 +496,25 @@ def train_and_evaluate(ctx: Context, spec: RowSpec, cycle: int, labels: LabelSta
             result.state, unlabelled, [truth[s.name] for s in unlabelled], ctx.device, limit=64
         )
     return _slim(result.state), nets, metrics, train_s, eval_s
+
+
+def _load_partial(path: Path | None, config: TrainConfig) -> dict | None:
+    """An unfinished cycle's trainer state saved at ``path`` for this very config, or None."""
+    if path is None or not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)["train_state"]
+    if state["config"] != config.to_dict():
+        print(f"warning: {path} was saved with other settings; training the cycle afresh")
+        return None
+    return state
+
+
+def _curve(history: list[dict]) -> list[dict]:
+    """The cycle's val curve: (iteration, teacher and student mIoU, mean loss) per record."""
+    keys = ("iteration", "teacher_miou", "student_miou", "loss", "elapsed_s")
+    return [
+        {k: entry[k] for k in keys if k in entry} for entry in history if "teacher_miou" in entry
+    ]
 
 
 def _progress_logger(ctx: Context, spec: RowSpec, cycle: int):
@@ -493,7 +562,9 @@ def shared_cycle0(ctx: Context, spec: RowSpec, labels: LabelState):
             ctx.log(f"[{spec.name} cycle 0] reusing {path.name} (trained by {saved['row']})")
             nets = networks_from_state(saved["state"], ctx.num_classes, ctx.device)
             return saved["state"], nets, saved["metrics"], saved["train_s"], saved["eval_s"], True
-        state, nets, metrics, train_s, eval_s = train_and_evaluate(ctx, spec, 0, labels, None)
+        state, nets, metrics, train_s, eval_s = train_and_evaluate(
+            ctx, spec, 0, labels, None, partial=path.with_suffix(".partial.pt")
+        )
         atomic_torch_save(
             {
                 "row": spec.name,
@@ -688,15 +759,26 @@ def run_row(ctx: Context, spec: RowSpec, resume: bool, overwrite: bool) -> dict:
 
 def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> dict:
     started, cpu_started = time.monotonic(), _cpu_s()
+    partial = row_paths(ctx.out, spec.name)[1] / f"cycle{cycle}.partial.pt"
+    pending = torch.load(partial, weights_only=False) if partial.exists() else None
     revealed = None
-    if cycle > 0 and spec.acquisition:
+    if pending:  # stopped mid-cycle: its acquisition is done already
+        labels.restore(pending["labels"])
+        revealed = pending["revealed"]
+    elif cycle > 0 and spec.acquisition:
         revealed = acquire(ctx, spec, cycle, labels, nets, init_state)
     shared = False
     if cycle == 0 and ctx.share_cycle0 and spec.start == "split" and spec.method != "supervised":
         state, nets, metrics, train_s, eval_s, shared = shared_cycle0(ctx, spec, labels)
     else:
         state, nets, metrics, train_s, eval_s = train_and_evaluate(
-            ctx, spec, cycle, labels, init_state if ctx.protocol.warm_start else None
+            ctx,
+            spec,
+            cycle,
+            labels,
+            init_state if ctx.protocol.warm_start else None,
+            partial=partial,
+            partial_extra={"labels": labels.to_dict(), "revealed": revealed},
         )
     headline = metrics[ctx.protocol.eval_with]
     total = labels.total_pixels
@@ -720,6 +802,7 @@ def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> 
         "train_s": train_s,
         "eval_s": eval_s,
         "cycle0_shared": shared,
+        "curve": metrics.get("curve", []),
         **({"plar": metrics["plar"]} if "plar" in metrics else {}),  # tsf rows (model.tsf)
         "cycle_wall_s": time.monotonic() - started,
         "cycle_cpu_s": _cpu_s() - cpu_started,
@@ -868,6 +951,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="network whose mIoU is the headline (both are recorded)",
     )
     over.add_argument("--batch-size", type=int, help="labelled (and unlabelled) batch")
+    over.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision (model.precision)")
+    over.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, help="NHWC model and batches"
+    )
+    over.add_argument(
+        "--eval-every", type=int, help="val mIoU every N iterations of a cycle (0: at its end)"
+    )
     over.add_argument("--replay-size", type=int, help="Balanced ClassMix replay buffer size")
     over.add_argument("--lr", type=float, help="initial learning rate (poly decay)")
     over.add_argument("--backbone-weights", help="'auto', 'imagenet', a file, or 'none'")
@@ -924,6 +1014,9 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
         "batch_size": args.batch_size,
         "replay_size": args.replay_size,
         "lr": args.lr,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "eval_every": args.eval_every,
     }
     changes.update({k: v for k, v in simple.items() if v is not None})
     if args.backbone_weights is not None:

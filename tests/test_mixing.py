@@ -91,8 +91,49 @@ def test_balanced_classmix_oversamples_a_lone_tail_class_that_classmix_halves():
         for name, sampler in (("balanced", balanced), ("plain", plain)):
             mask = classmix_masks(labels, sampler)[0]
             tail_hits[name] += bool(mask[labels[0] == 9].any())
-    assert tail_hits["balanced"] == draws  # present tail classes are always drawn (n_tail=2)
+    assert tail_hits["balanced"] == draws  # every present tail class is drawn
     assert tail_hits["plain"] / draws == pytest.approx(3 / 5, abs=0.05)  # 3 of 5 classes
+
+
+def _tail_share(labels: torch.Tensor, tail: list[int]) -> float:
+    valid = labels != 255
+    return float((torch.isin(labels, torch.tensor(tail)) & valid).sum() / valid.sum())
+
+
+def test_default_balanced_classmix_adds_the_sources_tail_and_covers_none_of_the_targets():
+    # source: three head classes fill it but for a 2x2 tail square (class 9); target: one
+    # head class and a 4x4 tail block (class 6) where the source has head pixels
+    source = torch.zeros(8, 8, dtype=torch.int64)
+    source[:, 3:6], source[:, 6:] = 1, 3
+    source[6:, 6:] = 9
+    target = torch.full((8, 8), 5, dtype=torch.int64)
+    target[:4, :4] = 6
+    sampler = ClassSampler(CAMVID_HEAD, CAMVID_TAIL, generator=torch.Generator().manual_seed(0))
+    (mixed,) = apply_mix(classmix_masks(source[None], sampler), [source[None]], [target[None]])
+    # pasted: the tail square only; the target's 16 tail pixels stay: (16 + 4) / 64
+    assert _tail_share(mixed, CAMVID_TAIL) == 20 / 64
+    # the authors' 3 head + 2 tail draw pastes the whole source: only its 4 tail pixels
+    authors = ClassSampler(CAMVID_HEAD, CAMVID_TAIL, 3, 2, torch.Generator().manual_seed(0))
+    (covered,) = apply_mix(classmix_masks(source[None], authors), [source[None]], [target[None]])
+    assert _tail_share(covered, CAMVID_TAIL) == 4 / 64
+
+
+def test_default_balanced_classmix_shows_more_tail_than_classmix_and_never_less_than_no_mix():
+    rng = np.random.default_rng(0)
+    head, tail = [0, 1, 3], [2, 6, 9]
+    generator = torch.Generator().manual_seed(0)
+    balanced, plain = ClassSampler(head, tail, generator=generator), RandomHalf(generator)
+    shares = {"balanced": [], "plain": [], "none": []}
+    for _ in range(200):
+        # blocky scenes, 4x4 cells, head classes ten times as likely as tail ones
+        cells = rng.choice(head + tail, size=(2, 4, 4), p=[0.3, 0.3, 0.3, 1 / 30, 1 / 30, 1 / 30])
+        source, target = torch.from_numpy(cells.repeat(4, 1).repeat(4, 2))[:, None]
+        for name, sampler in (("balanced", balanced), ("plain", plain)):
+            (mixed,) = apply_mix(classmix_masks(source, sampler), [source], [target])
+            shares[name].append(_tail_share(mixed, tail))
+        shares["none"].append(_tail_share(target, tail))
+        assert shares["balanced"][-1] >= shares["none"][-1]  # pasting tail only adds tail
+    assert np.mean(shares["balanced"]) > np.mean(shares["plain"]) + 0.05
 
 
 def test_replay_buffer_keeps_the_last_distinct_indices_within_its_size():

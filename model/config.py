@@ -35,8 +35,14 @@ class TrainConfig:
     batch_labelled: int = 4
     batch_unlabelled: int = 4
 
-    # Mean teacher (Sec. 3.1): decay min(1 - 1/(t+1), ema_momentum) at update t.
+    # Mean teacher (Sec. 3.1): decay min(1 - 1/(t+1), momentum) at update t, where momentum
+    # is ema_momentum or less on a short cycle: the EMA's horizon 1 / (1 - momentum) is at
+    # most ema_horizon of the cycle's iterations. At a fixed 0.99 (100 iterations) the
+    # teacher of a 250-iteration warm-started cycle still averaged the weights of the
+    # learning-rate restart when the cycle ended, and published 3 points below its student
+    # (issue 12; benchmarks.ema_horizon).
     ema_momentum: float = 0.99
+    ema_horizon: float = 0.05
     # Average BatchNorm running statistics too (True) or copy the student's (False); see
     # model.ssl.EMATeacher for why averaging is the default.
     ema_buffers: bool = True
@@ -123,6 +129,11 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         self.crop_size = tuple(self.crop_size)
         self.scale_range = tuple(self.scale_range)
+
+    def teacher_momentum(self) -> float:
+        """The EMA decay this cycle trains with (see ema_horizon)."""
+        horizon = max(1.0, self.ema_horizon * self.iterations)
+        return min(self.ema_momentum, 1.0 - 1.0 / horizon)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -503,7 +503,7 @@ def _load_partial(path: Path | None, config: TrainConfig) -> dict | None:
     if path is None or not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)["train_state"]
-    if state["config"] != config.to_dict():
+    if TrainConfig.from_dict(state["config"]) != config:  # keys added since: their defaults
         print(f"warning: {path} was saved with other settings; training the cycle afresh")
         return None
     return state

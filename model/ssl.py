@@ -60,17 +60,24 @@ class EMATeacher:
 
 
 @torch.no_grad()
-def pseudo_labels(logits: Tensor, partial_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pseudo_labels(
+    logits: Tensor, partial_mask: Tensor | None = None, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Teacher logits N x C x H x W -> (labels N x H x W int64, confidence N x H x W).
 
     Confidence is the max softmax probability. Pixels that a person labelled
     (`partial_mask` != 255, e.g. acquired regions) take the human label with confidence 1.
+    Pixels outside `valid` (crop padding) get label 255 and confidence 0: no loss, and they
+    count in neither eta's numerator nor its denominator.
     """
     confidence, labels = logits.softmax(dim=1).max(dim=1)
     if partial_mask is not None:
         labelled = partial_mask != IGNORE_INDEX
         labels = torch.where(labelled, partial_mask, labels)
         confidence = torch.where(labelled, torch.ones_like(confidence), confidence)
+    if valid is not None:
+        labels = labels.masked_fill(~valid, IGNORE_INDEX)
+        confidence = confidence.masked_fill(~valid, 0.0)
     return labels, confidence
 
 

@@ -72,10 +72,11 @@ class UnlabelledBatch:
     weak: Tensor  # N x 3 x H x W, for the teacher
     strong: Tensor  # same crop and flip, colour-jittered, for the student
     mask: Tensor  # N x H x W partial labels (acquired regions), 255 elsewhere
+    valid: Tensor  # N x H x W bool, False on crop padding (no pseudo-label there)
     index: Tensor  # dataset indices, for the replay buffer
 
     def to(self, device: torch.device) -> UnlabelledBatch:
-        tensors = (self.weak, self.strong, self.mask, self.index)
+        tensors = (self.weak, self.strong, self.mask, self.valid, self.index)
         return UnlabelledBatch(*(t.to(device, non_blocking=True) for t in tensors))
 
 
@@ -134,7 +135,7 @@ class MeanTeacherStep(TrainStep):
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         u = batch.unlabelled
-        labels, confidence = self.trainer.pseudo_label(u.weak, u.mask)
+        labels, confidence = self.trainer.pseudo_label(u.weak, u.mask, u.valid)
         mixed = self.in_batch_mix(u.strong, labels, confidence)
         sup_logits, mix_logits = self.trainer.student_forward(batch.images, mixed[0])
         return {
@@ -175,7 +176,9 @@ class S4ALStep(MeanTeacherStep):
             return super().losses(batch)
         n = len(u.weak)
         labels, confidence = self.trainer.pseudo_label(
-            torch.cat([u.weak, replayed.weak]), torch.cat([u.mask, replayed.mask])
+            torch.cat([u.weak, replayed.weak]),
+            torch.cat([u.mask, replayed.mask]),
+            torch.cat([u.valid, replayed.valid]),
         )
         current = (u.strong, labels[:n], confidence[:n])
         replay = (replayed.strong, labels[n:], confidence[n:])
@@ -297,7 +300,7 @@ class Trainer:
         weights = None if init_state else resolve_backbone_weights(config.backbone_weights)
         self.student = DeepLabV3Plus(num_classes, weights).to(self.device).train()
         to_channels_last(self.student, config.channels_last)
-        self.teacher = EMATeacher(self.student, config.ema_momentum, config.ema_buffers)
+        self.teacher = EMATeacher(self.student, config.teacher_momentum(), config.ema_buffers)
         self.sync_batchnorm = config.sync_batchnorm and self.dist.distributed
         self.precision = resolve_precision(config.amp, self.device)
         self.scaler = self.precision.grad_scaler()
@@ -398,8 +401,10 @@ class Trainer:
             group["lr"] = lr
 
     @torch.no_grad()
-    def pseudo_label(self, weak: Tensor, partial_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return pseudo_labels(self.teacher.model(weak), partial_mask)
+    def pseudo_label(
+        self, weak: Tensor, partial_mask: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return pseudo_labels(self.teacher.model(weak), partial_mask, valid)
 
     def student_forward(self, *images: Tensor) -> tuple[Tensor, ...]:
         """One student pass over several batches (BatchNorm sees them together), split back."""

@@ -138,6 +138,13 @@ class Targets:
     changed: Tensor  # bool: corrected to another class than the pseudo-label's
     queued: Tensor  # bool: awaiting manual labelling (ignored by the loss)
 
+    def outside(self, padding: Tensor) -> Targets:
+        """No target on `padding` pixels (crop padding: no image there), nothing counted."""
+        label, raw = (t.masked_fill(padding, IGNORE_INDEX) for t in (self.label, self.raw))
+        weight, confidence = (t.masked_fill(padding, 0.0) for t in (self.weight, self.confidence))
+        flags = (self.unlabelled, self.error, self.corrected, self.changed, self.queued)
+        return Targets(label, weight, raw, confidence, *(f & ~padding for f in flags))
+
     def counts(self) -> dict[str, int]:
         maps = (self.unlabelled, self.error, self.corrected, self.changed, self.queued)
         return {key: int(m.sum()) for key, m in zip(COUNTERS, maps, strict=True)}
@@ -281,6 +288,7 @@ class TsfStep(_train.S4ALStep):
                 self.refiner,
                 emd_logits,
             )
+        targets = targets.outside(~torch.cat([v.valid for v in views]))
         self.count(targets.counts())
 
         n = len(u.weak)

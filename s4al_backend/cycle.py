@@ -17,7 +17,9 @@
    the backbone weights with COLD_START_ITERATIONS supervised first. When nothing changed
    since the current version (same annotations, classes, method; e.g. a retry after a
    failed push), training is skipped and the current version is reused.
-4. **Save** the teacher atomically as a new version (`store.ModelStore.save`: version,
+4. **Save** the served network atomically as a new version: the teacher, or the student
+   when it scores higher on the holdout (`published_network`; meta `published`)
+   (`store.ModelStore.save`: version,
    classes, config, metrics, labelled-pixel fraction, time, train state), make it current,
    keep KEEP_VERSIONS. `/setup` now answers the new version, so Label Studio knows it.
 5. **Acquire**: ACQUISITION (entropy, ...) with ACQUIRE_WITH (student/teacher) over the
@@ -214,7 +216,7 @@ class Cycle:
         if reuse:
             log.info("project %s: nothing changed since %s; reusing it", self.project, previous)
             version = previous
-            student = teacher = state = None  # loaded only if there is work for them
+            student = served = state = None  # loaded only if there is work for them
             metrics = current_meta.get("metrics") or {}
             labelled_fraction = current_meta.get("labelled_fraction")
             trained = False
@@ -226,7 +228,9 @@ class Cycle:
             t0 = time.monotonic()
             self.phase("save")
             labelled_fraction = self.labelled_fraction(train_items)
-            version = self.store.save(teacher, list(label_map.classes), {
+            published = published_network(metrics)
+            served = student if published == "student" else teacher
+            version = self.store.save(served, list(label_map.classes), {
                 "config": config.to_dict(),
                 "metrics": metrics,
                 "labelled_fraction": labelled_fraction,
@@ -236,10 +240,11 @@ class Cycle:
                 "labelled_tasks": len([i for i in train_items if i.labelled]),
                 "holdout_tasks": len(holdout),
                 "method": config.method,
+                "published": published,
             })
             self.timed("save_s", t0)
-            log.info("project %s: saved %s (previous %s), holdout mIoU %s", self.project,
-                     version, previous, _miou(metrics))
+            log.info("project %s: saved %s (previous %s), the %s, holdout mIoU %s",
+                     self.project, version, previous, published, _miou(metrics, published))
             trained = True
 
         t0 = time.monotonic()
@@ -256,9 +261,9 @@ class Cycle:
                      "nothing to do", self.project, version)
             regions = []
         else:
-            if teacher is None:
-                student, teacher, state = self.load_models(version)
-            regions, pushed, queued = self.acquire(label_map, pool, student, teacher, version,
+            if served is None:
+                student, served, state = self.load_models(version)
+            regions, pushed, queued = self.acquire(label_map, pool, student, served, version,
                                                    select=not acquired, have=have, state=state)
         self.timed("acquire_s", t0)
         t0 = time.monotonic()
@@ -720,9 +725,20 @@ def _is_our_version(value: Any) -> bool:
     return isinstance(value, str) and bool(VERSION_NAME.fullmatch(value))
 
 
-def _miou(metrics: dict) -> str:
+def published_network(metrics: dict) -> str:
+    """The network a version serves: the student when it beats the teacher on the holdout,
+    else the teacher (also with no holdout). Short or warm-started cycles can end with the
+    EMA teacher behind its student (issue 12), so the holdout decides per version."""
     try:
-        return f"{metrics['teacher']['miou']:.3f}"
+        better = metrics["student"]["miou"] > metrics["teacher"]["miou"]
+    except (KeyError, TypeError):
+        return "teacher"
+    return "student" if better else "teacher"
+
+
+def _miou(metrics: dict, network: str = "teacher") -> str:
+    try:
+        return f"{metrics[network]['miou']:.3f}"
     except (KeyError, TypeError):
         return "n/a (no holdout)"
 

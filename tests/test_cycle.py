@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from s4al_backend import jobs
 from s4al_backend.cycle import Cycle, region_id, run_cycle
@@ -92,8 +93,15 @@ def test_one_cycle_end_to_end(studio, tmp_path):
     assert result["holdout_tasks"] >= 1
     assert 0.0 <= result["metrics"]["teacher"]["miou"] <= 1.0
     assert len(result["metrics"]["teacher"]["iou"]) == len(label_map.classes)
-    _, meta = store.load(version)
+    served, meta = store.load(version)
     assert meta["metrics"] == result["metrics"] and meta["version"] == version
+    # the version serves whichever network scored higher on the holdout
+    scores = {name: meta["metrics"][name]["miou"] for name in ("teacher", "student")}
+    winner = "student" if scores["student"] > scores["teacher"] else "teacher"
+    assert meta["published"] == winner
+    state = meta["train_state"]
+    weights = state["student"] if winner == "student" else state["teacher"]["model"]
+    assert all(torch.equal(served.state_dict()[k].cpu(), v.cpu()) for k, v in weights.items())
     assert meta["classes"] == list(label_map.classes) and meta["train_state"]
     assert 0 < meta["labelled_fraction"] < 1
     phases = {u.get("phase") for u in updates}

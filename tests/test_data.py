@@ -15,11 +15,13 @@ from model.data import (
     eval_transform,
     load_folder,
     normalize,
+    normalize_chw,
     read_classes,
     read_split,
     strong_transform,
     weak_transform,
 )
+from model.ssl import eta, pseudo_labels
 
 LABEL_STEP = 20  # synthetic images encode label k as grey level 20 * (k + 1): never black
 
@@ -181,7 +183,7 @@ def test_missing_mask_is_all_ignore(camvid_root):
 def test_unlabelled_views_share_geometry(camvid_root, seed):
     torch.manual_seed(seed)
     samples = load_folder(camvid_root, "train")
-    weak, strong, mask, index = UnlabelledDataset(samples, crop=96, scale=(0.5, 1.5))[seed]
+    weak, strong, mask, _, index = UnlabelledDataset(samples, crop=96, scale=(0.5, 1.5))[seed]
     assert index == seed and weak.shape == strong.shape == (3, 96, 96)
     # Same geometry => strong is a per-pixel function of weak: equal weak colours stay equal.
     weak_rgb = _denormalize_grey(weak).reshape(3, -1).T
@@ -197,7 +199,7 @@ def test_unlabelled_views_share_geometry(camvid_root, seed):
 def test_unlabelled_mask_follows_the_geometry(seed):
     torch.manual_seed(seed)
     sample = _encoded_sample(seed=seed)
-    weak, _, mask, _ = UnlabelledDataset([sample], crop=80, scale=(0.5, 1.5))[0]
+    weak, _, mask, _, _ = UnlabelledDataset([sample], crop=80, scale=(0.5, 1.5))[0]
     labelled = _interior(mask) & (mask != IGNORE_INDEX)
     assert labelled.sum() > 100
     grey = _denormalize_grey(weak)
@@ -206,5 +208,34 @@ def test_unlabelled_mask_follows_the_geometry(seed):
 
 def test_unlabelled_without_mask_is_all_ignore(camvid_root):
     sample = load_folder(camvid_root, "val")[0]
-    _, _, mask, _ = UnlabelledDataset([Sample(sample.name, sample.image, None)], crop=64)[0]
+    _, _, mask, _, _ = UnlabelledDataset([Sample(sample.name, sample.image, None)], crop=64)[0]
     assert mask.shape == (64, 64) and (mask == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unlabelled_valid_is_false_exactly_on_crop_padding(camvid_root, seed):
+    # a 120x160 image scaled by 0.5-1.0 and cropped to 128x192 is always padded
+    torch.manual_seed(seed)
+    sample = load_folder(camvid_root, "train")[seed]
+    dataset = UnlabelledDataset([sample], crop=(128, 192), scale=(0.5, 1.0))
+    weak, strong, mask, valid, _ = dataset[0]
+    assert valid.dtype == torch.bool and valid.shape == mask.shape == (128, 192)
+    assert 0 < valid.sum() < valid.numel()
+    padding_value = normalize_chw(torch.zeros(3, 1, 1, dtype=torch.uint8))[:, 0, 0]
+    assert torch.allclose(weak[:, ~valid].T, padding_value.expand(int((~valid).sum()), 3))
+    # the image is a rectangle at the crop's corner: its side lengths multiply to the count
+    rows, cols = valid.any(dim=1).sum(), valid.any(dim=0).sum()
+    assert valid.sum() == rows * cols
+    assert (mask[~valid] == IGNORE_INDEX).all()
+
+
+def test_pseudo_labels_leave_padding_unlabelled_and_out_of_eta():
+    logits = torch.zeros(1, 3, 2, 4)
+    logits[:, 1] = 10.0  # confident class 1 everywhere, padding included
+    valid = torch.tensor([[[True, True, False, False], [True, True, False, False]]])
+    partial = torch.full((1, 2, 4), IGNORE_INDEX)
+    partial[0, 0, 0] = 2
+    labels, confidence = pseudo_labels(logits, partial, valid)
+    assert labels.tolist() == [[[2, 1, 255, 255], [1, 1, 255, 255]]]
+    assert (confidence[~valid] == 0).all()
+    assert eta(confidence, labels, 0.97).tolist() == [1.0]  # 4 of 4 valid pixels, not 4 of 8

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import TrainConfig
 from model.ssl import (
     EMATeacher,
     confidence_weighted_ce,
@@ -131,3 +132,11 @@ def test_cross_pseudo_supervision_learns_each_others_argmax():
     # a learns b's class 1: -ln(1/4); b learns a's class 0: -ln(1/5)
     expected = math.log(4) + math.log(5)
     assert cross_pseudo_supervision_loss(logits_a, logits_b).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("iterations", "momentum"), [(250, 1 - 1 / 12.5), (1000, 0.98), (2000, 0.99), (5000, 0.99)]
+)
+def test_teacher_momentum_follows_the_cycle_length_up_to_ema_momentum(iterations, momentum):
+    config = TrainConfig(iterations=iterations, cold_start_iterations=0)
+    assert config.teacher_momentum() == pytest.approx(momentum)

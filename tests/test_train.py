@@ -153,6 +153,8 @@ def test_poly_learning_rate(fixture_sets):
     trainer.iteration = 5
     trainer.set_learning_rate()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**0.9)
+    # a 10-iteration cycle: the EMA horizon is capped at 5% of it (1 iteration: a copy)
+    assert trainer.teacher.momentum == trainer.config.teacher_momentum() == 0.0
 
 
 def test_cli_trains_saves_and_prints_the_iou_table(camvid_root, tmp_path, capsys):

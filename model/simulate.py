@@ -303,6 +303,7 @@ class Context:
     block: int
     share_cycle0: bool = True
     quiet: bool = False
+    extra_eval: dict[str, list[Sample]] = field(default_factory=dict)  # "DIR:SPLIT" -> samples
     command: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -422,12 +423,12 @@ def _slim(state: dict) -> dict:
     return {k: v for k, v in state.items() if k != "optimizer"}
 
 
-def evaluate_networks(ctx: Context, nets: dict) -> dict:
+def evaluate_networks(ctx: Context, nets: dict, samples: Sequence[Sample] | None = None) -> dict:
     from model.metrics import evaluate
 
     p = ctx.protocol
     return {
-        name: evaluate(net, ctx.val, ctx.num_classes, p.eval_batch_size, ctx.device)
+        name: evaluate(net, samples or ctx.val, ctx.num_classes, p.eval_batch_size, ctx.device)
         for name, net in nets.items()
     }
 
@@ -475,7 +476,9 @@ def train_and_evaluate(
     def progress(info: dict) -> None:
         log(info)
         if partial and time.monotonic() - saved[0] > CHECKPOINT_EVERY_S:
-            if info["phase"] != "evaluate" and trainer.iteration < config.iterations:
+            # not where a record is due: the saved history would lack it
+            due = config.eval_every and trainer.iteration % config.eval_every == 0
+            if info["phase"] != "evaluate" and not due and trainer.iteration < config.iterations:
                 atomic_torch_save(
                     {"train_state": trainer.state_dict(), **(partial_extra or {})}, partial
                 )
@@ -726,7 +729,7 @@ def run_row(ctx: Context, spec: RowSpec, resume: bool, overwrite: bool) -> dict:
                 f"{saved['cycle']}); pass --resume to continue it or --overwrite to restart"
             )
         if saved is not None and overwrite:
-            for path in state_dir.glob("cycle*.pt"):
+            for path in [*state_dir.glob("cycle*.pt"), *state_dir.glob("partial-cycle*.pt")]:
                 path.unlink()
             saved = None
         truth = [sample.mask for sample in ctx.train]
@@ -759,7 +762,7 @@ def run_row(ctx: Context, spec: RowSpec, resume: bool, overwrite: bool) -> dict:
 
 def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> dict:
     started, cpu_started = time.monotonic(), _cpu_s()
-    partial = row_paths(ctx.out, spec.name)[1] / f"cycle{cycle}.partial.pt"
+    partial = row_paths(ctx.out, spec.name)[1] / f"partial-cycle{cycle}.pt"  # not cycle*.pt
     pending = torch.load(partial, weights_only=False) if partial.exists() else None
     revealed = None
     if pending:  # stopped mid-cycle: its acquisition is done already
@@ -781,6 +784,7 @@ def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> 
             partial_extra={"labels": labels.to_dict(), "revealed": revealed},
         )
     headline = metrics[ctx.protocol.eval_with]
+    extra = {name: evaluate_networks(ctx, nets, s) for name, s in ctx.extra_eval.items()}
     total = labels.total_pixels
     record = {
         "cycle": cycle,
@@ -803,6 +807,7 @@ def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> 
         "eval_s": eval_s,
         "cycle0_shared": shared,
         "curve": metrics.get("curve", []),
+        **({"extra_eval": extra} if extra else {}),
         **({"plar": metrics["plar"]} if "plar" in metrics else {}),  # tsf rows (model.tsf)
         "cycle_wall_s": time.monotonic() - started,
         "cycle_cpu_s": _cpu_s() - cpu_started,
@@ -979,6 +984,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train cycle 0 in every "
         "row instead of sharing it between rows that train it identically",
     )
+    run.add_argument(
+        "--extra-eval",
+        action="append",
+        default=[],
+        metavar="DIR:SPLIT",
+        help="also evaluate every cycle on DIR/SPLIT (a CamVid-layout folder with the same "
+        "classes, e.g. data kept out of the repository); repeatable",
+    )
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     run.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     run.add_argument(
@@ -1049,6 +1062,12 @@ def build_context(args: argparse.Namespace, protocol: Protocol) -> Context:
         by_name = {sample.name: i for i, sample in enumerate(train)}
     height = train[0].image.shape[0]
     block = protocol.block or acq.region_size_for(height)
+    extra_eval = {}
+    for spec in args.extra_eval:
+        root, _, split = spec.rpartition(":")
+        if not root or read_classes(root) != classes:
+            raise SystemExit(f"--extra-eval {spec}: need DIR:SPLIT with the classes of {args.data}")
+        extra_eval[spec] = load_folder(root, split, protocol.downscale)
     extra = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -1069,6 +1088,7 @@ def build_context(args: argparse.Namespace, protocol: Protocol) -> Context:
         block=block,
         share_cycle0=not args.no_share_cycle0,
         quiet=args.quiet,
+        extra_eval=extra_eval,
         command=shlex.join(["python", "-m", "model.simulate", *sys.argv[1:]]),
         extra=extra,
     )

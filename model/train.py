@@ -40,6 +40,7 @@ from model.data import (
     read_split,
     strong_transform,
 )
+from model.evaluate import iou_table
 from model.metrics import evaluate
 from model.mixing import ClassSampler, RandomHalf, ReplayBuffer, apply_mix, classmix_masks
 from model.network import DeepLabV3Plus, find_deep_sort_weights
@@ -664,25 +665,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def iou_table(classes: Sequence[str], metrics: dict) -> str:
-    """Per-class IoU (%) of teacher and student ('-' where a class is absent from val and
-    predictions), then mIoU and pixel accuracy."""
-
-    def percent(value: float | None) -> str:
-        return f"{'-' if value is None else f'{100 * value:.1f}':>7}"
-
-    teacher, student = metrics["teacher"], metrics["student"]
-    rows = [
-        (name, t, s) for name, t, s in zip(classes, teacher["iou"], student["iou"], strict=True)
-    ]
-    rows.append(("mIoU", teacher["miou"], student["miou"]))
-    rows.append(("pixel accuracy", teacher["pixel_accuracy"], student["pixel_accuracy"]))
-    width = max(len(name) for name, _, _ in rows)
-    lines = [f"{'class':<{width}}  teacher  student"]
-    lines += [f"{name:<{width}}  {percent(t)}  {percent(s)}" for name, t, s in rows]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # under torchrun (docs/DISTRIBUTED.md): join the job; only rank 0 prints and writes
@@ -768,7 +750,7 @@ def _main(args: argparse.Namespace, ctx: distributed.DistContext) -> int:
     (args.out / "history.json").write_text(json.dumps(result.history, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
     if result.metrics:
-        print(iou_table(classes, result.metrics))
+        print(iou_table(classes, result.metrics))  # the teacher's and the student's
     print(f"saved {args.out / 'model.pt'} (the teacher)")
     distributed.barrier()
     return 0

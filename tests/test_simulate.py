@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from model import simulate
 from model.acquisition import Region
@@ -231,3 +232,44 @@ def test_help_documents_rows_and_protocols(capsys):
     for word in ("entropy-regions", "image-<h>", "--resume", "--report-only", "camvid-cpu",
                  "smoke", "--iterations-scale", "--score-with"):  # fmt: skip
         assert word in text
+
+
+def test_a_row_stopped_mid_cycle_resumes_there(camvid_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = _argv(camvid_root, out, "--rows", "random-regions", "--iterations", "4,6")
+    argv += ["--eval-every", "2", "--extra-eval", f"{camvid_root}:val"]
+    real_logger = simulate._progress_logger
+
+    def stop_in_cycle1(ctx, spec, cycle):
+        log = real_logger(ctx, spec, cycle)
+
+        def progress(info):
+            log(info)
+            if cycle == 1 and info["iteration"] == 3 and info["phase"] != "evaluate":
+                raise KeyboardInterrupt  # the session ends here
+
+        return progress
+
+    monkeypatch.setattr(simulate, "CHECKPOINT_EVERY_S", -1.0)  # save at every iteration
+    monkeypatch.setattr(simulate, "_progress_logger", stop_in_cycle1)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.main(argv)
+    partial = out / "state/random-regions/partial-cycle1.pt"
+    saved = torch.load(partial, weights_only=False)
+    # saved at iteration 1, not at 2 where a curve point was due, not at the interrupted 3
+    assert saved["train_state"]["iteration"] == 1
+    acquired = saved["revealed"]["pixels"]
+
+    monkeypatch.setattr(simulate, "_progress_logger", real_logger)
+    logs = []
+    monkeypatch.setattr(simulate.Context, "log", lambda self, message: logs.append(message))
+    assert simulate.main([*argv, "--resume"]) == 0
+    assert any("resuming at iteration 1" in line for line in logs)
+    assert not any("acquired" in line for line in logs)  # the acquisition was not redone
+    assert not partial.exists()
+    row = json.loads((out / "rows/random-regions.json").read_text())
+    assert row["complete"] and row["cycles"][1]["acquired"]["pixels"] == acquired
+    # the val curve of each cycle, and the extra split (here val itself) evaluated too
+    assert [p["iteration"] for p in row["cycles"][1]["curve"]] == [2, 4, 6]
+    extra = row["cycles"][1]["extra_eval"][f"{camvid_root}:val"]
+    assert extra["teacher"]["miou"] == row["cycles"][1]["teacher"]["miou"]

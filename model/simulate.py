@@ -71,7 +71,7 @@ class Protocol:
     name: str
     description: str
     downscale: int  # images and masks shrink by this factor (area / nearest)
-    crop: int  # square training crop
+    crop: int  # training crop height (and width, unless crop_width)
     iterations: tuple[int, ...]  # one entry per cycle; cycle 0 = the start set
     cold_start_fraction: float = 0.1  # supervised-only share of each SSL cycle (paper: 10%)
     regions_per_image: int = 4
@@ -90,6 +90,7 @@ class Protocol:
     amp: str = "off"  # model.precision: "bf16" where the CPU or GPU has it
     channels_last: bool = False
     eval_every: int = 0  # > 0: val mIoU every N iterations, the cycle's curve in the JSON
+    crop_width: int | None = None
     rows: tuple[str, ...] = ROW_ORDER
 
     @property
@@ -124,6 +125,22 @@ PROTOCOLS: dict[str, Protocol] = {
         amp="bf16",
         channels_last=True,
         eval_every=500,
+    ),
+    "camvid-gpu": Protocol(
+        name="camvid-gpu",
+        description="the paper's CamVid scale: 360x480 images and crops, the 10% start, "
+        "30 px blocks, 4 per image, 5000 + 5000 + 10000 iterations (50 per epoch x 100, 100, "
+        "200 epochs), AMP + channels_last on a GPU (benchmarks/gpu_label_efficiency.py "
+        "scales the iterations to a time budget)",
+        downscale=1,
+        crop=360,
+        crop_width=480,
+        iterations=(5000, 5000, 10000),
+        amp="auto",
+        channels_last=True,
+        eval_every=1000,
+        eval_batch_size=16,
+        score_batch_size=16,
     ),
     "smoke": Protocol(
         name="smoke",
@@ -396,7 +413,7 @@ def cycle_config(ctx: Context, spec: RowSpec, cycle: int) -> TrainConfig:
         replay_size=p.replay_size,
         # Supplement S1: Balanced ClassMix starts once the first acquisition has happened
         balanced_classmix=cycle > 0,
-        crop_size=(p.crop, p.crop),
+        crop_size=(p.crop, p.crop_width or p.crop),
         eval_every=p.eval_every,
         eval_batch_size=p.eval_batch_size,
         amp=p.amp,

@@ -173,3 +173,24 @@ def test_train_cycle_with_amp_and_channels_last_on_cpu(camvid_root):
     assert weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="amp must be one of"):
         TrainConfig(amp="fp8")
+
+
+def test_label_efficiency_plan_runs_the_key_rows_within_its_budget(camvid_root, tmp_path):
+    """The GPU script's whole plan (calibrate, scale, four parallel simulator processes) on
+    the CPU with the smoke protocol; on a GPU the same command runs camvid-gpu."""
+    from benchmarks import gpu_label_efficiency as plan
+
+    out = tmp_path / "run"
+    argv = [
+        "--data", str(camvid_root), "--split", str(camvid_root / "splits/labeled_seed0.txt"),
+        "--out", str(out), "--protocol", "smoke", "--device", "cpu", "--budget-s", "0.5",
+    ]  # fmt: skip
+    assert plan.main(argv) == 0
+    rows = {r["row"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert sorted(rows) == sorted(plan.ROWS) and all(r["complete"] for r in rows.values())
+    # a budget far below the full schedule scales it down, never below one iteration
+    iterations = rows["full"]["protocol"]["iterations"]
+    assert all(1 <= i <= 3 for i in iterations)
+    # the two acquisition rows trained cycle 0 once, whichever came first
+    shared = [rows[r]["cycles"][0]["cycle0_shared"] for r in ("entropy-regions", "random-regions")]
+    assert sorted(shared) == [False, True]

@@ -11,7 +11,7 @@ time budget (issue 12: at most 9 minutes on one H200-class GPU).
    `full` and `initial-only`; then print the report (`results.md`) and the wall time.
 
     python -m benchmarks.gpu_label_efficiency --data DIR \
-        --split DIR/splits/labeled_10pct_seed0.txt \
+        --split benchmarks/splits/camvid/labeled_10pct_seed0.txt \
         --out benchmarks/results/camvid-gpu-seed0
 
 The protocol is `camvid-gpu` (360x480, 10% start, 30 px blocks, AMP + channels_last); the

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 __all__ = ["Bar", "ChartPoint", "LineChart", "Series", "class_bars", "line_chart",
-           "nice_ticks", "time_label"]
+           "nice_ticks", "time_label", "time_ticks"]
 
 WIDTH, HEIGHT = 560, 300
 MARGIN = {"left": 52, "right": 34, "top": 16, "bottom": 44}
@@ -96,18 +96,31 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
+TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
+              43200, 86400, 172800, 604800, 2592000)  # seconds: round clock intervals
+
+
+def time_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` epoch seconds on round clock times (UTC) covering [low, high]."""
+    raw = (high - low) / max(1, count)
+    step = next((s for s in TIME_STEPS if s >= raw), TIME_STEPS[-1])
+    first = math.floor(low / step) * step
+    return [first + i * step for i in range(int(math.ceil((high - first) / step)) + 1)]
+
+
 def time_label(epoch: float, span_s: float = 86400.0) -> str:
     """UTC time of `epoch`, as precise as a chart spanning `span_s` seconds needs."""
     pattern = "%H:%M:%S" if span_s < 600 else "%H:%M" if span_s < 86400 else "%m-%d %H:%M"
     return datetime.fromtimestamp(epoch, timezone.utc).strftime(pattern)
 
 
-def _span(values: Sequence[float], floor: float | None = None) -> tuple[float, float]:
+def _span(values: Sequence[float], floor: float | None = None, pad: float | None = None
+          ) -> tuple[float, float]:
     low, high = min(values), max(values)
     if floor is not None:
         low = min(low, floor)
     if high - low < 1e-9:  # one point, or all equal: give it room
-        pad = abs(high) * 0.1 or 1.0
+        pad = pad or abs(high) * 0.1 or 1.0
         low, high = low - pad, high + pad
         if floor is not None:
             low = max(low, floor)
@@ -116,15 +129,17 @@ def _span(values: Sequence[float], floor: float | None = None) -> tuple[float, f
 
 def line_chart(data: dict[str, list[tuple[float, float, str, str]]], *, x_label: str,
                y_label: str, x_format: Callable[[float], str] = "{:g}".format,
-               y_floor: float | None = 0.0) -> LineChart:
+               y_floor: float | None = 0.0, x_time: bool = False) -> LineChart:
     """`data`: series name -> [(x, y, version, tooltip)], drawn in the given order;
-    series named "teacher"/"student" get those CSS classes."""
+    series named "teacher"/"student" get those CSS classes. `x_time`: x is epoch
+    seconds, ticked on round clock times."""
     chart = LineChart(x_label, y_label, [], [], [])
     points = [p for values in data.values() for p in values]
     if not points:
         chart.series = [Series(name, name) for name in data]
         return chart
-    x_ticks = nice_ticks(*_span([p[0] for p in points]))
+    x_span = _span([p[0] for p in points], pad=300.0 if x_time else None)
+    x_ticks = time_ticks(*x_span) if x_time else nice_ticks(*x_span)
     y_ticks = nice_ticks(*_span([p[1] for p in points], y_floor))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
 

@@ -5,9 +5,9 @@
   current version, learning curves, per-class IoU, training progress and region tasks,
   and the public settings. HTML from Jinja templates (``templates/dashboard/``), charts
   as inline SVG: no CDN, no JavaScript build. A few lines of inline script re-fetch the
-  page every DASHBOARD_REFRESH seconds while a cycle is queued or runs (every
-  ``IDLE_REFRESH_S`` otherwise) and swap its content in; without script a meta refresh
-  does the same.
+  page every DASHBOARD_REFRESH seconds while a cycle is queued or runs (``IDLE_FACTOR``
+  times as long otherwise) and swap its content in; without script a meta refresh does
+  the same.
 - ``GET /dashboard/projects/<id>/regions/<task>.png``: the thumbnail of an open region
   task (its image cropped around the region, the region outlined), for region tasks of
   that project only.
@@ -36,7 +36,7 @@ __all__ = ["create_blueprint"]
 
 log = logging.getLogger(__name__)
 
-IDLE_REFRESH_S = 60
+IDLE_FACTOR = 6  # when nothing is queued or running, refresh this many times slower
 THUMB_CACHE = 256  # thumbnails kept in memory (~20 kB each)
 MIN_SECRET = 4  # shorter "secrets" would match ordinary text of the page
 
@@ -57,7 +57,7 @@ def create_blueprint(runtime) -> Blueprint:
         html = render_template(
             "dashboard/page.html", projects=views, settings=public_settings(settings),
             shared=shared_store(settings.model_dir).current(),
-            refresh_s=settings.dashboard_refresh_s if busy else IDLE_REFRESH_S, busy=busy,
+            refresh_s=settings.dashboard_refresh_s * (1 if busy else IDLE_FACTOR), busy=busy,
             train_after=settings.train_after_annotations,
             task_link=task_link, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                          time.gmtime()))
@@ -66,7 +66,7 @@ def create_blueprint(runtime) -> Blueprint:
     @page.get("/dashboard/projects/<project>/regions/<int:task_id>.png")
     def region_thumbnail(project: str, task_id: int):
         key = _key_or_404(project)
-        task = board.regions(int(key)).find(task_id)
+        task = board.task(int(key), task_id)
         if task is None:
             abort(404, description=f"task {task_id} is not a region task of project {key}")
         cache_key = (key, task.id, task.x, task.y, task.w, task.h, task.image)

@@ -48,6 +48,9 @@ class TrainingView:
     train_after: int = 0
     last: str | None = None  # the last outcome, in words
     last_failed: bool = False
+    queue: str = ""  # in-process / redis (QUEUE_NAME)
+    since: str | None = None  # when the running cycle started / the queued one was asked
+    reason: str | None = None
 
     @property
     def eta_text(self) -> str:
@@ -110,7 +113,8 @@ def project_view(settings: Any, key: str, board, jobs_status) -> ProjectView:
         view.training = training_view(jobs_status(int(key)))
     except Exception as exc:  # Redis down, ...: the rest of the page still stands
         view.training = TrainingView("unavailable", message=str(exc))
-    view.regions = _regions(board, int(key))
+    stamp = f"{(view.current or {}).get('version')}|{view.training.last}"
+    view.regions = _regions(board, int(key), stamp)
     return view
 
 
@@ -204,9 +208,9 @@ def _curves(view: ProjectView, records: list[dict]) -> None:
                                   y_label="holdout mIoU (%)",
                                   x_format=lambda v: f"{v:g}")
     stamps = [point[0] for values in by_time.values() for point in values]
-    span = max(stamps) - min(stamps) if stamps else 0.0
+    span = max(600.0, max(stamps) - min(stamps)) if stamps else 0.0  # the padded axis
     view.by_time = line_chart(by_time, x_label="time (UTC)", y_label="holdout mIoU (%)",
-                              x_format=lambda v: time_label(v, span))
+                              x_format=lambda v: time_label(v, span), x_time=True)
 
 
 def _tooltip(record: dict, name: str, miou: float) -> str:
@@ -238,10 +242,10 @@ def _bars(view: ProjectView, store, records: list[dict]) -> None:
                            previous["teacher"]["iou"] if previous else None)
 
 
-def _regions(board, project: int) -> dict:
+def _regions(board, project: int, stamp: str) -> dict:
     from .region_board import region_summary
 
-    return region_summary(board.regions(project), TOP_REGIONS)
+    return region_summary(board.regions(project, stamp), TOP_REGIONS)
 
 
 def training_view(status: dict | None) -> TrainingView:
@@ -252,14 +256,22 @@ def training_view(status: dict | None) -> TrainingView:
     view = TrainingView("idle", pending=int(status.get("pending_annotations") or 0),
                         train_after=int(status.get("train_after_annotations") or 0))
     view.last, view.last_failed = _last_words(status.get("last"))
+    name = status.get("queue_name")
+    view.queue = f"{status.get('queue') or '?'}" + (f" ({name})" if name else "")
     running, queued = status.get("running"), status.get("queued")
     if running:
         _progress(view, running.get("progress") or {})
-        view.state = "running"
+        view.state, view.reason = "running", running.get("reason")
+        view.since = _clock(running.get("started_at"))
     elif queued:
-        view.state = "queued"
-        view.message = queued.get("reason") or "waiting for a worker"
+        view.state, view.reason = "queued", queued.get("reason")
+        view.since = _clock(queued.get("since"))
+        view.message = "waiting for a worker"
     return view
+
+
+def _clock(epoch: Any) -> str | None:
+    return time_label(epoch, 60) + " UTC" if isinstance(epoch, int | float) else None
 
 
 def _progress(view: TrainingView, progress: dict) -> None:

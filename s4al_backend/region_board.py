@@ -4,7 +4,8 @@ counted open / done per cycle, the most uncertain open ones with a thumbnail.
 Region tasks are the ones `cycle.py` imports (data `{image, source_task, x, y, w, h,
 region_id, uncertainty, cycle_version}`); a task is *done* once it holds an annotation.
 Label Studio is read at most every `ttl` seconds per project (the page refreshes every
-few seconds while a cycle runs), tasks only, without annotations or predictions.
+few seconds while a cycle runs) and again when the project's version changes, tasks
+only, without annotations or predictions.
 """
 
 from __future__ import annotations
@@ -102,22 +103,35 @@ class RegionBoard:
         self.studio_factory = studio_factory
         self.ttl = ttl
         self.max_projects = max_projects
-        self._cache: OrderedDict[int, tuple[float, Regions]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[float, str | None, Regions]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def regions(self, project: int) -> Regions:
+    def regions(self, project: int, stamp: str | None = None) -> Regions:
+        """The project's region tasks; read again after `ttl` seconds or as soon as
+        `stamp` changes (the caller's sign that regions may have changed: a new version,
+        a cycle that finished)."""
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(project)
-            if cached and now - cached[0] < self.ttl:
-                return cached[1]
+            if cached and cached[1] == stamp and now - cached[0] < self.ttl:
+                return cached[2]
         regions = self._read(project)
         with self._lock:
-            self._cache[project] = (now, regions)
+            self._cache[project] = (now, stamp, regions)
             self._cache.move_to_end(project)
             while len(self._cache) > self.max_projects:
                 self._cache.popitem(last=False)
         return regions
+
+    def task(self, project: int, task_id: int) -> RegionTask | None:
+        """One region task of the project: from the last read when it is there (the
+        page's thumbnails), else from a fresh one."""
+        with self._lock:
+            cached = self._cache.get(project)
+        found = cached[2].find(task_id) if cached else None
+        if found is None:
+            found = self._read(project).find(task_id)
+        return found
 
     def _read(self, project: int) -> Regions:
         from .studio import StudioError

@@ -4,10 +4,12 @@ backend served over real HTTP."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -25,11 +27,12 @@ class SeededCycle:
     iou: list[float]
 
 
-def seed_history(settings, project: int, classes: list[str], cycles: int = 4
-                 ) -> list[SeededCycle]:
+def seed_history(settings, project: int, classes: list[str], cycles: int = 4,
+                 spacing_s: float = 1800.0) -> list[SeededCycle]:
     """`cycles` trained versions through the real store and history code: mIoU and the
     labelled fraction grow per cycle; class 0's IoU drops in the last one (a "down"
-    delta). Only settings.keep_versions checkpoints remain; the history keeps all."""
+    delta). Only settings.keep_versions checkpoints remain; the history keeps all. The
+    records' times are then spread `spacing_s` apart, ending now (cycles take time)."""
     store = project_store(settings.model_dir, project, settings.keep_versions)
     seeded = []
     for k in range(cycles):
@@ -48,6 +51,12 @@ def seed_history(settings, project: int, classes: list[str], cycles: int = 4
             "labelled_fraction": fraction, "labelled_tasks": 3 + k, "holdout_tasks": 1,
             "timings": {"train_s": 10.0}})
         seeded.append(SeededCycle(version, fraction, miou, iou))
+    records = history.read(store.root)
+    now = datetime.now(timezone.utc)
+    for k, record in enumerate(records):
+        when = now - timedelta(seconds=spacing_s * (len(records) - 1 - k))
+        record["finished_at"] = when.isoformat(timespec="seconds")
+    history.history_path(store.root).write_text(json.dumps(records), encoding="utf-8")
     return seeded
 
 

@@ -203,7 +203,7 @@ def test_project_without_a_store_is_shown_when_asked(tmp_path, studio):
     assert client.get("/dashboard", query_string={"project": "../etc"}).status_code == 404
 
 
-def test_auth_and_no_secret_on_the_page(tmp_path, studio, project):
+def test_auth_and_no_secret_on_the_page(tmp_path, studio, project, caplog):
     pid, sources = project
     redis_password = "redis-secret-91c"
     settings = settings_for(studio, tmp_path, basic_auth_user=AUTH[0],
@@ -219,7 +219,20 @@ def test_auth_and_no_secret_on_the_page(tmp_path, studio, project):
         assert secret not in html
     assert "LABEL_STUDIO_API_KEY" in html and "(set)" in html  # said to be set, not shown
     assert "redis://:***@127.0.0.1:6379/13" in html
+    assert "a secret reached the page" not in caplog.text  # none needed the last guard
     jobs.reset_jobs()
+
+
+def test_a_secret_in_an_error_message_is_replaced_on_the_page(tmp_path, studio, project,
+                                                               caplog):
+    pid, _ = project
+    settings = settings_for(studio, tmp_path)
+    seed_history(settings, pid, CLASSES, cycles=1)
+    studio.fail(500, "/api/tasks", body={"detail": f"token {studio.api_key} refused"})
+    html = page(create_app(settings).test_client())
+    assert "Label Studio could not be read" in html and "token *** refused" in html
+    assert studio.api_key not in html
+    assert "a secret reached the page; replaced" in caplog.text
 
 
 def test_a_browser_asking_for_the_root_goes_to_the_dashboard(tmp_path, studio):
@@ -250,3 +263,12 @@ def test_settings_in_force_are_the_public_ones(tmp_path, studio):
     html = page(create_app(settings).test_client(), query_string={"project": "7"})
     assert "LABEL_STUDIO_PUBLIC_URL" in html and "DASHBOARD_REFRESH" in html
     assert 'href="https://ls.example/projects/7/data"' in html
+
+
+def test_a_project_label_studio_set_up_is_listed_before_its_first_model(tmp_path, studio):
+    client = create_app(settings_for(studio, tmp_path)).test_client()
+    config = studio.projects[camvid_project(studio, CAMVID)[0]]["label_config"]
+    assert client.post("/setup", json={"project": "9.1700000000", "schema": config}
+                       ).status_code == 200
+    html = page(client)
+    assert 'data-project="9"' in html and "No model trained for this project yet" in html

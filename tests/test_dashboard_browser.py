@@ -197,7 +197,7 @@ def watch_progress(driver, pid: int) -> list[tuple[str, int, float]]:
                 return False
             raise
 
-    wait_for(over, 600, "the cycle to finish on the page", poll=0.25)
+    wait_for(over, 300, "the cycle to finish on the page", poll=0.25)
     return readings
 
 

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 
-from flask import Flask, Response, g, jsonify, redirect, request
+from flask import Flask, Response, g, jsonify, redirect, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from .backend import BadRequest, ModelUnavailable, Runtime, S4ALBackend
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
     @app.get("/health")
     def health():
         if request.path == "/" and _wants_html():  # a person's browser: the dashboard
-            return redirect("/dashboard")
+            return redirect(url_for("dashboard.dashboard"))
         return jsonify({"status": "UP", "model_class": backend_class.__name__})
 
     @app.post("/setup")

@@ -57,7 +57,7 @@ def create_blueprint(runtime) -> Blueprint:
         html = render_template(
             "dashboard/page.html", projects=views, settings=public_settings(settings),
             shared=shared_store(settings.model_dir).current(),
-            refresh_s=settings.dashboard_refresh_s * (1 if busy else IDLE_FACTOR), busy=busy,
+            refresh_s=settings.dashboard_refresh * (1 if busy else IDLE_FACTOR), busy=busy,
             train_after=settings.train_after_annotations,
             task_link=task_link, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                          time.gmtime()))

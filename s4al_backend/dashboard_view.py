@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _PROJECT_DIR = re.compile(r"\d+")
 TOP_REGIONS = 8
+KEY_KINDS = {"legacy": "legacy token", "pat": "personal access token"}
 PHASE_NAMES = {"starting": "starting", "read": "reading Label Studio",
                "images": "loading images", "cold-start": "supervised warm-up",
                "evaluate": "evaluating on the holdout", "save": "saving the new version",
@@ -312,6 +313,9 @@ def _last_words(last: dict | None) -> tuple[str | None, bool]:
 def public_settings(settings: Any) -> list[tuple[str, Any]]:
     """(VARIABLE, value) of every setting, secrets shown only as whether they are set."""
     values = settings.public()
+    kind = values.pop("api_key_kind", None)
+    if values.get("label_studio_api_key"):
+        values["label_studio_api_key"] = f"(set: {KEY_KINDS.get(kind, kind)})"
     for key in ("label_studio_url", "label_studio_public_url"):
         if values.get(key):
             values[key] = re.sub(r"//[^/@]*@", "//", redact_url(values[key]))

@@ -70,7 +70,7 @@ class Settings:
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
     log_level: str = "INFO"
-    dashboard_refresh_s: int = 5
+    dashboard_refresh: int = 5
     # training (the jobs and the active-learning cycle)
     redis_url: str = field(default="", repr=False)
     queue_name: str = "s4al"
@@ -117,7 +117,7 @@ class Settings:
             "basic_auth_user": read.text("BASIC_AUTH_USER", ""),
             "basic_auth_pass": read.text("BASIC_AUTH_PASS", ""),
             "log_level": read.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
-            "dashboard_refresh_s": read.integer("DASHBOARD_REFRESH", 5, minimum=1),
+            "dashboard_refresh": read.integer("DASHBOARD_REFRESH", 5, minimum=1),
             "redis_url": read.redis_url("REDIS_URL"),
             "queue_name": read.pattern("QUEUE_NAME", "s4al", _QUEUE, "letters, digits, _ . -"),
             "train_after_annotations": read.integer("TRAIN_AFTER_ANNOTATIONS", 5, minimum=0),

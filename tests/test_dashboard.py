@@ -217,7 +217,7 @@ def test_auth_and_no_secret_on_the_page(tmp_path, studio, project, caplog):
     html = page(client, auth=AUTH)
     for secret in (studio.api_key, AUTH[1], redis_password):
         assert secret not in html
-    assert "LABEL_STUDIO_API_KEY" in html and "(set)" in html  # said to be set, not shown
+    assert "(set: legacy token)" in html and "(set)" in html  # said to be set, not shown
     assert "redis://:***@127.0.0.1:6379/13" in html
     assert "a secret reached the page" not in caplog.text  # none needed the last guard
     jobs.reset_jobs()
@@ -263,6 +263,12 @@ def test_settings_in_force_are_the_public_ones(tmp_path, studio):
     html = page(create_app(settings).test_client(), query_string={"project": "7"})
     assert "LABEL_STUDIO_PUBLIC_URL" in html and "DASHBOARD_REFRESH" in html
     assert 'href="https://ls.example/projects/7/data"' in html
+    table = html.split('id="settings"')[1].split("</table>")[0]
+    names = re.findall(r"<th>([A-Z_]+)</th>", table)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert len(names) == len(settings.public()) - 1  # api_key_kind is shown with the key
+    for name in names:  # every row is a variable the README documents
+        assert re.search(rf"^\| [A-Z_ /]*\b{name}\b[A-Z_ /]* \|", readme, re.M), name
 
 
 def test_a_project_label_studio_set_up_is_listed_before_its_first_model(tmp_path, studio):

@@ -7,7 +7,6 @@ a line in `ProjectView.problems`, never an exception, so the page always renders
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from .settings import redact_url
 
 __all__ = ["ProjectView", "TrainingView", "known_projects", "project_view", "public_settings",
            "training_view"]
-
-log = logging.getLogger(__name__)
 
 _PROJECT_DIR = re.compile(r"\d+")
 TOP_REGIONS = 8
@@ -106,10 +103,14 @@ def project_view(settings: Any, key: str, board, jobs_status) -> ProjectView:
     `jobs_status(project)` returns jobs.project_status's dict (or raises)."""
     view = ProjectView(key, studio_url=task_base(settings))
     store = store_module.project_store(settings.model_dir, key, settings.keep_versions)
-    _current(view, store)
-    records = _records(view, store)
+    try:
+        _current(view, store)
+        records = _records(view, store)
+    except OSError as exc:  # a folder where a file should be, an unreadable disk, ...
+        view.problems.append(f"the store cannot be read ({type(exc).__name__}: {exc})")
+        view.current, records = None, []
     _curves(view, records)
-    _bars(view, store, records)
+    _bars(view, records)
     try:
         view.training = training_view(jobs_status(int(key)))
     except Exception as exc:  # Redis down, ...: the rest of the page still stands
@@ -229,7 +230,7 @@ def _epoch(value: Any) -> float | None:
         return None
 
 
-def _bars(view: ProjectView, store, records: list[dict]) -> None:
+def _bars(view: ProjectView, records: list[dict]) -> None:
     current = view.current or {}
     teacher = current.get("teacher") or {}
     classes = current.get("classes") or []

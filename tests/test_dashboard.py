@@ -278,3 +278,15 @@ def test_a_project_label_studio_set_up_is_listed_before_its_first_model(tmp_path
                        ).status_code == 200
     html = page(client)
     assert 'data-project="9"' in html and "No model trained for this project yet" in html
+
+
+def test_an_unreadable_store_is_said_on_the_page(tmp_path, studio, project):
+    pid, _ = project
+    settings = settings_for(studio, tmp_path)
+    seed_history(settings, pid, CLASSES, cycles=1)
+    odd = project_store(settings.model_dir, pid + 1)
+    (odd.root / "current").mkdir(parents=True)  # a folder where the pointer file should be
+    html = page(create_app(settings).test_client())
+    assert f'data-project="{pid + 1}"' in html
+    assert "the store cannot be read (IsADirectoryError" in html
+    assert f'data-project="{pid}"' in html and 'class="point teacher"' in html

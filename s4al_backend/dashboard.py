@@ -56,7 +56,7 @@ def create_blueprint(runtime) -> Blueprint:
         busy = any(view.busy for view in views)
         html = render_template(
             "dashboard/page.html", projects=views, settings=public_settings(settings),
-            shared=shared_store(settings.model_dir).current(),
+            shared=_shared_version(settings),
             refresh_s=settings.dashboard_refresh * (1 if busy else IDLE_FACTOR), busy=busy,
             train_after=settings.train_after_annotations,
             task_link=task_link, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC",
@@ -102,6 +102,14 @@ def _key_or_404(value: str) -> str:
     if key is None or not key.isdigit():
         abort(404, description=f"no project {value[:40]!r}")
     return key
+
+
+def _shared_version(settings) -> str | None:
+    try:
+        return shared_store(settings.model_dir).current()
+    except OSError as exc:  # said where it matters: /setup and /predict log it
+        log.warning("dashboard: the shared store cannot be read: %s", exc)
+        return None
 
 
 def _status_for(settings):

@@ -286,6 +286,7 @@ def test_an_unreadable_store_is_said_on_the_page(tmp_path, studio, project):
     seed_history(settings, pid, CLASSES, cycles=1)
     odd = project_store(settings.model_dir, pid + 1)
     (odd.root / "current").mkdir(parents=True)  # a folder where the pointer file should be
+    (Path(settings.model_dir) / "current").mkdir()  # and in the shared store
     html = page(create_app(settings).test_client())
     assert f'data-project="{pid + 1}"' in html
     assert "the store cannot be read (IsADirectoryError" in html

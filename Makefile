@@ -4,7 +4,7 @@ PY := .venv/bin/python
 LS_VENV := .venv-ls
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-ls run test lint
+.PHONY: setup setup-ls browser-deps run test lint
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -21,6 +21,13 @@ $(LS_VENV)/.installed:
 	$(LS_VENV)/bin/python -m pip install -q label-studio==1.23.2
 	touch $@
 
+# headless Chromium and its driver for tests/test_dashboard_browser.py (Debian packages,
+# as root); nothing to do when both are installed
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; else \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			chromium chromium-driver; fi
+
 setup: .venv/.installed
 
 setup-ls: $(LS_VENV)/.installed
@@ -31,5 +38,5 @@ run: setup
 lint: setup
 	$(PY) -m ruff check .
 
-test: setup setup-ls lint
+test: setup setup-ls browser-deps lint
 	$(PY) -m pytest -q

@@ -1,6 +1,7 @@
 """The Flask app: Label Studio's ML-backend protocol (the 2.x one) over ``S4ALBackend``.
 
-Routes: ``GET /`` and ``GET /health`` -> ``{"status": "UP", "model_class": ...}``;
+Routes: ``GET /`` and ``GET /health`` -> ``{"status": "UP", "model_class": ...}`` (a
+browser asking ``/`` for HTML is sent to the dashboard, ``dashboard.py``);
 ``POST /setup`` -> ``{"model_version"}``; ``POST /predict`` -> ``{"results": [...]}`` (one
 item per task, in order); ``POST /webhook`` -> ``backend.fit(event, data)``;
 ``GET /metrics``; ``GET /status?project=<id>`` -> ``backend.status(project)``.
@@ -20,10 +21,11 @@ import logging
 import threading
 import time
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, jsonify, redirect, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from .backend import BadRequest, ModelUnavailable, Runtime, S4ALBackend
+from .dashboard import create_blueprint
 from .settings import Settings
 
 __all__ = ["create_app"]
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
     app.extensions["s4al"] = runtime
+    app.register_blueprint(create_blueprint(runtime))
 
     def backend(project=None, label_config=None):
         return backend_class(project_id=project, label_config=label_config, runtime=runtime)
@@ -76,7 +79,8 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
     @app.after_request
     def log_request(response: Response):
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        level = logging.INFO if request.path not in ("/health", "/") else logging.DEBUG
+        quiet = request.path in ("/health", "/") or request.path.startswith("/dashboard")
+        level = logging.DEBUG if quiet and response.status_code < 400 else logging.INFO
         logger.log(level, "%s %s -> %d (%.3f s)", request.method, request.path,
                    response.status_code, elapsed)
         return response
@@ -109,6 +113,8 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
     @app.get("/")
     @app.get("/health")
     def health():
+        if request.path == "/" and _wants_html():  # a person's browser: the dashboard
+            return redirect(url_for("dashboard.dashboard"))
         return jsonify({"status": "UP", "model_class": backend_class.__name__})
 
     @app.post("/setup")
@@ -167,3 +173,9 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
         })
 
     return app
+
+
+def _wants_html() -> bool:
+    """True when the client prefers HTML (a browser) over JSON (health checks, scripts)."""
+    accept = request.accept_mimetypes
+    return accept.accept_html and accept["text/html"] > accept["application/json"]

@@ -176,6 +176,10 @@ class Runtime:
     def config_for(self, project: str | None) -> str | None:
         return self._configs.get(project) if project is not None else None
 
+    def known_projects(self) -> list[str]:
+        """Projects Label Studio set up or asked predictions for in this process."""
+        return [project for project in self._configs if project]
+
     def remember_setup(self, hostname: str | None, access_token: str | None) -> None:
         """What /setup says about Label Studio. Its access token (the project owner's
         legacy token) is used only when LABEL_STUDIO_API_KEY is unset, and sent only to

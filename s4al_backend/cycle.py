@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from . import history
 from . import store as store_module
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask, mask_to_results
 from .studio import Studio
@@ -748,5 +749,7 @@ def run_cycle(settings: Any, project: int, *, reason: str = "",
               fetcher=None) -> dict:
     """Run one active-learning cycle for `project`; returns a JSON-ready summary (status,
     version, metrics, regions created, predictions pushed, skipped annotations, timings)."""
-    return Cycle(settings, project, reason=reason, progress=progress, studio=studio,
-                 fetcher=fetcher).run()
+    result = Cycle(settings, project, reason=reason, progress=progress, studio=studio,
+                   fetcher=fetcher).run()
+    history.record_cycle(settings, project, result)  # the dashboard's learning curve
+    return result

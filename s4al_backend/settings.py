@@ -55,6 +55,7 @@ class Settings:
     label_studio_url: str = "http://localhost:8080"
     label_studio_api_key: str = field(default="", repr=False)
     allowed_image_hosts: tuple[str, ...] = ()
+    label_studio_public_url: str = ""  # "": LABEL_STUDIO_URL (the dashboard's task links)
     # the model and prediction
     model_dir: Path = Path("model_dir")
     device: str = "auto"
@@ -69,6 +70,7 @@ class Settings:
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
     log_level: str = "INFO"
+    dashboard_refresh: int = 5
     # training (the jobs and the active-learning cycle)
     redis_url: str = field(default="", repr=False)
     queue_name: str = "s4al"
@@ -102,6 +104,7 @@ class Settings:
             "label_studio_url": read.url("LABEL_STUDIO_URL", "http://localhost:8080"),
             "label_studio_api_key": read.api_key("LABEL_STUDIO_API_KEY"),
             "allowed_image_hosts": read.hosts("ALLOWED_IMAGE_HOSTS"),
+            "label_studio_public_url": read.url("LABEL_STUDIO_PUBLIC_URL", ""),
             "model_dir": model_dir,
             "device": read.device("DEVICE"),
             "predict_batch_size": read.integer("PREDICT_BATCH_SIZE", 4, minimum=1),
@@ -114,6 +117,7 @@ class Settings:
             "basic_auth_user": read.text("BASIC_AUTH_USER", ""),
             "basic_auth_pass": read.text("BASIC_AUTH_PASS", ""),
             "log_level": read.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+            "dashboard_refresh": read.integer("DASHBOARD_REFRESH", 5, minimum=1),
             "redis_url": read.redis_url("REDIS_URL"),
             "queue_name": read.pattern("QUEUE_NAME", "s4al", _QUEUE, "letters, digits, _ . -"),
             "train_after_annotations": read.integer("TRAIN_AFTER_ANNOTATIONS", 5, minimum=0),

@@ -201,3 +201,36 @@ def test_active_learning_loop(label_studio, backend_stack, camvid_images):
                 assert rx + REGION <= x or x + w <= rx or ry + REGION <= y or y + h <= ry, \
                     "a region over already labelled pixels was acquired"
     step(f"cycle 2 counted {region_pixels} region pixels; {len(regions)} region tasks in all")
+
+    # -- the dashboard over the real Label Studio: the annotated region counts as done
+    check_dashboard(stack, project, label_studio, regions, annotated_region=region["id"],
+                    versions=(v1, cycle2["version"]))
+    step("the dashboard shows both cycles, the done region and working region links")
+
+
+def check_dashboard(stack, project, label_studio, regions: list[dict], annotated_region: int,
+                    versions: tuple[str, str]) -> None:
+    """GET /dashboard on the gunicorn backend: the project at its new version, region tasks
+    open / done per cycle as Label Studio counts them, links and thumbnails of open ones."""
+    import re
+
+    import requests
+
+    reply = requests.get(f"{stack.url}/dashboard", timeout=30)
+    assert reply.status_code == 200, reply.text[:300]
+    html = reply.text
+    assert f'data-project="{project.id}"' in html
+    assert f'class="chip version" data-version="{versions[1]}"' in html
+    assert "2 cycle(s) had no holdout score" in html  # HOLDOUT_FRACTION=0: no curve points
+    assert label_studio.api_key not in html
+    first = [r for r in regions if r["data"]["cycle_version"] == versions[0]]
+    assert annotated_region in {r["id"] for r in first}
+    assert (f'data-version="{versions[0]}" data-open="{len(first) - 1}" data-done="1"'
+            in html), re.findall(r"<tr data-version[^>]+>", html)
+    links = re.findall(r'href="([^"]+)"[^>]*data-task="(\d+)"', html)
+    assert links and annotated_region not in {int(t) for _, t in links}
+    href, task = links[0]
+    assert href == f"{label_studio.url}/projects/{project.id}/data?task={task}"
+    thumb = requests.get(f"{stack.url}/dashboard/projects/{project.id}/regions/{task}.png",
+                         timeout=30)
+    assert thumb.status_code == 200 and thumb.content[:4] == b"\x89PNG", thumb.text[:300]

@@ -152,6 +152,7 @@ def _current(view: ProjectView, store) -> None:
         "labelled_fraction": meta.get("labelled_fraction"),
         "teacher": teacher,
         "student": student,
+        "published": meta.get("published", "teacher"),  # older versions served the teacher
         "classes": list(meta.get("classes") or []),
     }
 

@@ -291,3 +291,17 @@ def test_an_unreadable_store_is_said_on_the_page(tmp_path, studio, project):
     assert f'data-project="{pid + 1}"' in html
     assert "the store cannot be read (IsADirectoryError" in html
     assert f'data-project="{pid}"' in html and 'class="point teacher"' in html
+
+
+def test_the_tile_says_which_network_the_version_serves(tmp_path, studio, project):
+    pid, _ = project
+    settings = settings_for(studio, tmp_path)
+    seed_history(settings, pid, CLASSES, cycles=1)
+    client = create_app(settings).test_client()
+    assert "the served model</div>" in page(client)  # versions before `published`: teacher
+    store = project_store(settings.model_dir, pid)
+    version = store.current()
+    store.write_meta(version, {**store.meta(version), "published": "student"})
+    html = page(client)
+    assert "the served model: it beat the teacher on the holdout" in html
+    assert "the served model</div>" not in html

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from model.ignore import IGNORE_INDEX
+
 _REFERENCE_HEIGHT = 360
 _REFERENCE_REGION = 30
 

@@ -37,21 +37,27 @@ the teacher was right on 33% of them and its top 3 held the true class for 71%:
   the cell: Euclidean 14% -> 29%, tied Mahalanobis 28% -> 40%; where Euclidean and tied
   Mahalanobis agreed (45% of the pixels), 41% right against the teacher's 35% there.
 
-Everything here is pure torch; nothing imports the rest of the package.
+Everything here is pure torch; under torchrun the caller passes `reduce` (e.g.
+`model.distributed.all_reduce_sum`) so the pool statistics add every rank's batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import distributed
+from model.ignore import IGNORE_INDEX
 
-IGNORE_INDEX = 255
+Reduce = Callable[[Tensor], Tensor]  # sums a tensor over processes in place (or not at all)
+
+
+def _no_reduce(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 # --------------------------------------------------------------------------- features
@@ -386,8 +392,10 @@ class RunningClassStatistics:
         shrinkage: float | None = None,
         min_cov_pixels: int = 16,
         covariance: str = "tied",
+        reduce: Reduce = _no_reduce,
     ):
         self.num_classes, self.dim = num_classes, dim
+        self.reduce = reduce
         self.momentum, self.shrinkage, self.min_cov_pixels = momentum, shrinkage, min_cov_pixels
         self.covariance = covariance
         self.count = torch.zeros(num_classes, dtype=torch.float64)
@@ -398,7 +406,7 @@ class RunningClassStatistics:
     def update(self, features: Tensor, labels: Tensor) -> None:
         count, total, outer = class_moments(features, labels, self.num_classes)
         for moment in (count, total, outer):
-            distributed.all_reduce_sum(moment)
+            self.reduce(moment)
         if not bool(count.any()):  # nothing labelled anywhere: no decay either
             return
         if self.count.device != count.device:
@@ -625,6 +633,7 @@ class PseudoLabelRefiner(nn.Module):
         max_observed_pixels: int = 4096,
         weight_loss_pixels: int = 512,
         weight_hidden: int = 32,
+        reduce: Reduce = _no_reduce,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -638,10 +647,10 @@ class PseudoLabelRefiner(nn.Module):
         self.weight_loss_pixels = weight_loss_pixels
         self.weights = TradeOffWeights(aspp_channels, decoder_channels, weight_hidden)
         self.pool_aspp = RunningClassStatistics(
-            num_classes, aspp_channels, momentum, shrinkage, min_cov_pixels, covariance
+            num_classes, aspp_channels, momentum, shrinkage, min_cov_pixels, covariance, reduce
         )
         self.pool_decoder = RunningClassStatistics(
-            num_classes, decoder_channels, momentum, shrinkage, min_cov_pixels, covariance
+            num_classes, decoder_channels, momentum, shrinkage, min_cov_pixels, covariance, reduce
         )
 
     # pool statistics travel with the module's state_dict

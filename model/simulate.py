@@ -380,14 +380,12 @@ def cycle_config(ctx: Context, spec: RowSpec, cycle: int) -> TrainConfig:
 
 
 def networks_from_state(state: dict, num_classes: int, device: str) -> dict[str, torch.nn.Module]:
-    from model.network import DeepLabV3Plus
+    from model.network import network_from_weights
 
-    nets = {}
-    for name, weights in (("student", state["student"]), ("teacher", state["teacher"]["model"])):
-        net = DeepLabV3Plus(num_classes, None)
-        net.load_state_dict(weights)
-        nets[name] = net.to(device).eval()
-    return nets
+    return {
+        "student": network_from_weights(state["student"], num_classes, device),
+        "teacher": network_from_weights(state["teacher"]["model"], num_classes, device),
+    }
 
 
 def _slim(state: dict) -> dict:
@@ -407,13 +405,15 @@ def evaluate_networks(ctx: Context, nets: dict) -> dict:
 
 def train_and_evaluate(ctx: Context, spec: RowSpec, cycle: int, labels: LabelState, init_state):
     """Train one cycle and evaluate it -> (state, networks, metrics, train_s, eval_s)."""
-    from model.train import STEPS, train_cycle
-    from model.tsf import VARIANTS, plar_audit
+    from model.methods import STEPS
+    from model.methods.tsf import VARIANTS
+    from model.refinement import plar_audit
+    from model.train import train_cycle
 
     if spec.method not in STEPS:
         raise SimulationError(
             f"row {spec.name!r}: method {spec.method!r} has no training step yet "
-            f"(model.train.STEPS has {sorted(STEPS)})"
+            f"(model.methods.STEPS has {sorted(STEPS)})"
         )
     config = cycle_config(ctx, spec, cycle)
     labelled, unlabelled = labels.training_sets(ctx.train)
@@ -512,7 +512,7 @@ def pool_queue(
 ) -> list[np.ndarray] | None:
     """The pixels a finished tsf cycle queues for manual labelling in each pool image (with
     its partial labels), or None for rows that queue nothing."""
-    from model.tsf import queued_maps
+    from model.refinement import queued_maps
 
     samples = [Sample(ctx.train[i].name, ctx.train[i].image, labels.mask(i)) for i in pool]
     return queued_maps(state, samples, ctx.device)
@@ -614,7 +614,7 @@ def _row_settings(ctx: Context, spec: RowSpec) -> dict:
 
 
 def _backbone_note(value: str | None) -> str:
-    from model.train import resolve_backbone_weights
+    from model.network import resolve_backbone_weights
 
     resolved = resolve_backbone_weights(value)
     return resolved if resolved else "none (random initialisation)"
@@ -720,7 +720,7 @@ def run_cycle(ctx, spec, cycle, labels, records, init_state, nets, settings) -> 
         "train_s": train_s,
         "eval_s": eval_s,
         "cycle0_shared": shared,
-        **({"plar": metrics["plar"]} if "plar" in metrics else {}),  # tsf rows (model.tsf)
+        **({"plar": metrics["plar"]} if "plar" in metrics else {}),  # tsf rows (model.refinement)
         "cycle_wall_s": time.monotonic() - started,
         "cycle_cpu_s": _cpu_s() - cpu_started,
         "peak_rss_mb": _peak_rss_mb(),

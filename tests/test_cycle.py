@@ -377,7 +377,7 @@ def test_tsf_plar_cycle_acquires_queued_pixels_first(studio, tmp_path):
     """METHOD=tsf-plar: the version keeps its EMD and PLAR, and the regions it pushes cover
     the pixels PLAR queues (recomputed here from the saved train state)."""
     from model.data import read_image
-    from model.tsf import PoolRefinement
+    from model.refinement import PoolRefinement
 
     project, ids, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED)
     settings = Settings.from_env(env_for(studio, tmp_path, METHOD="tsf-plar"))

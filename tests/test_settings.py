@@ -160,4 +160,8 @@ def test_backbone_weights(tmp_path):
 
 def test_resolve_device():
     assert Settings(device="cpu").resolve_device() == "cpu"
-    assert Settings(device="auto").resolve_device() in ("cpu", "cuda")
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert Settings(device="auto").resolve_device() == expected
+    assert Settings(device="cuda:1").resolve_device() == "cuda:1"  # as given, not probed

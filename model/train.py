@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model import distributed
+from model import ddp, distributed
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import METHODS, TrainConfig
 from model.data import (
@@ -182,8 +182,8 @@ class Trainer:
         torchrun (gradients averaged over ranks), compiled when `config.compile`; the
         network itself in one process. Steps with extra trained networks use it too.
         BatchNorm layers become synchronised (in place, same parameters) when configured."""
-        distributed.convert_sync_batchnorm(module, self.device, self.sync_batchnorm)
-        wrapped = distributed.wrap_ddp(module, self.dist)
+        ddp.convert_sync_batchnorm(module, self.device, self.sync_batchnorm)
+        wrapped = ddp.wrap_ddp(module, self.dist)
         return maybe_compile(wrapped, self.config.compile)
 
     # -- one iteration --

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from model import ddp, distributed
+from model.batches import infinite_batches, labelled_pixel_weights
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import METHODS, TrainConfig
 from model.data import (
@@ -62,42 +63,6 @@ class TrainResult:
     # {"teacher": evaluate(...), "student": evaluate(...)} on `val`; {} without val
     metrics: dict
     state: dict
-
-
-def labelled_pixel_weights(samples: Sequence[Sample]) -> list[float] | None:
-    """Draw labelled images in proportion to their labelled pixels. After a region
-    acquisition most labelled images carry a few small blocks: drawn uniformly, a batch
-    would hold mostly unlabelled pixels and the fully labelled images would starve. None
-    (uniform) when every image is fully labelled alike."""
-    counts = [float((sample.mask != IGNORE_INDEX).sum()) for sample in samples]
-    if max(counts) <= 0 or min(counts) == max(counts):
-        return None
-    return counts
-
-
-def infinite_batches(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    pin_memory: bool,
-    weights: Sequence[float] | None = None,
-) -> Iterator:
-    """Batches forever, reshuffled every pass (or drawn in proportion to `weights`);
-    datasets smaller than a batch repeat. Under torchrun each rank draws its shard of one
-    global stream (model.distributed)."""
-    sampler = distributed.InfiniteShardedSampler(len(dataset), seed=seed, weights=weights)
-    loader = DataLoader(
-        dataset,
-        batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
-    while True:
-        yield from loader
 
 
 class Trainer:
@@ -141,18 +106,7 @@ class Trainer:
             momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
-        self.class_sampler = ClassSampler.from_masks(
-            (sample.mask for sample in labelled),
-            num_classes,
-            config.head_pixel_share,
-            config.head_classes,
-            config.tail_classes,
-            self.generator,
-        )
-        self.labelled_data = SegmentationDataset(
-            labelled, strong_transform(config.crop_size, config.scale_range)
-        )
-        self.unlabelled_data = UnlabelledDataset(unlabelled, config.crop_size, config.scale_range)
+        self.set_data(labelled, unlabelled)
         self.step = STEPS[config.method](self)
         self.cold_start_step = self.step.cold_start()
         if self.step.uses_unlabelled and not unlabelled:
@@ -168,6 +122,22 @@ class Trainer:
         )
         if self.step.uses_unlabelled:
             self.unlabelled_batches = self.batches(self.unlabelled_data, config.batch_unlabelled)
+
+    def set_data(self, labelled: Sequence[Sample], unlabelled: Sequence[Sample]) -> None:
+        """The datasets, and Balanced ClassMix's head/tail classes of the labelled masks."""
+        config = self.config
+        self.class_sampler = ClassSampler.from_masks(
+            (sample.mask for sample in labelled),
+            self.num_classes,
+            config.head_pixel_share,
+            config.head_classes,
+            config.tail_classes,
+            self.generator,
+        )
+        self.labelled_data = SegmentationDataset(
+            labelled, strong_transform(config.crop_size, config.scale_range)
+        )
+        self.unlabelled_data = UnlabelledDataset(unlabelled, config.crop_size, config.scale_range)
 
     def batches(
         self, dataset: Dataset, batch_size: int, weights: Sequence[float] | None = None
@@ -523,29 +493,58 @@ def _main(args: argparse.Namespace, ctx: distributed.DistContext) -> int:
     classes = read_classes(args.data)
     train = load_folder(args.data, "train", args.downscale)
     val = load_folder(args.data, "val", args.downscale) if (args.data / "val").is_dir() else []
-    if args.split:
-        names = set(read_split(args.split))
-        missing = names - {s.name for s in train}
-        if missing:
-            sys.exit(
-                f"{args.split}: {len(missing)} names not in {args.data / 'train'}, "
-                f"e.g. {sorted(missing)[0]}"
-            )
-        labelled = [s for s in train if s.name in names]
-        unlabelled = [s for s in train if s.name not in names]
+    labelled, unlabelled = split_train(args, train)
+    config = config_from_args(args)
+    init_state = None
+    if args.init:
+        init_state = load_checkpoint(args.init, "cpu")[1]["train_state"]
+        weights_note = f"from {args.init}"
     else:
-        labelled, unlabelled = train, []
-    # the pool's masks belong to the oracle, not to the trainer
-    unlabelled = [replace(sample, mask=None) for sample in unlabelled]
+        weights = resolve_backbone_weights(args.backbone_weights)
+        weights_note = weights or "none: random initialisation, as asked"
+    crop = config.crop_size
+    say(
+        f"{args.method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
+        f"{len(val)} val images; crop {crop[0]}x{crop[1]}; {config.iterations} iterations "
+        f"({config.cold_start_iterations} cold start); backbone weights: {weights_note}"
+    )
+    if ctx.distributed:
+        batch = f"{ctx.world_size} x {args.batch_size}"
+        say(f"{ctx.world_size} processes ({ctx.backend}), global batch {batch}")
+    result = train_cycle(config, labelled, unlabelled, len(classes), val or None, init_state)
+    if not ctx.is_main:
+        distributed.barrier()  # while rank 0 writes
+        return 0
+    save_outputs(args.out, config, result, classes, labelled_fraction(labelled, train))
+    distributed.barrier()
+    return 0
 
+
+def split_train(args: argparse.Namespace, train: list[Sample]) -> tuple[list, list]:
+    """(labelled, unlabelled): the --split file's images and the rest, whose masks belong
+    to the oracle, not to the trainer; every image labelled without --split."""
+    if not args.split:
+        return train, []
+    names = set(read_split(args.split))
+    missing = names - {s.name for s in train}
+    if missing:
+        sys.exit(
+            f"{args.split}: {len(missing)} names not in {args.data / 'train'}, "
+            f"e.g. {sorted(missing)[0]}"
+        )
+    labelled = [s for s in train if s.name in names]
+    unlabelled = [replace(s, mask=None) for s in train if s.name not in names]
+    return labelled, unlabelled
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     crop = args.crop or (360 // args.downscale, 480 // args.downscale)
-    config = TrainConfig(
+    cold_start = args.cold_start if args.cold_start is not None else args.iterations // 10
+    return TrainConfig(
         method=args.method,
         lr=args.lr,
         iterations=args.iterations,
-        cold_start_iterations=(
-            args.cold_start if args.cold_start is not None else args.iterations // 10
-        ),
+        cold_start_iterations=cold_start,
         batch_labelled=args.batch_size,
         batch_unlabelled=args.batch_size,
         replay_size=args.replay_size,
@@ -560,43 +559,27 @@ def _main(args: argparse.Namespace, ctx: distributed.DistContext) -> int:
         compile=args.compile,
         sync_batchnorm=args.sync_batchnorm,
     )
-    init_state = None
-    if args.init:
-        init_state = load_checkpoint(args.init, "cpu")[1]["train_state"]
-        weights_note = f"from {args.init}"
-    else:
-        weights = resolve_backbone_weights(args.backbone_weights)
-        weights_note = weights or "none: random initialisation, as asked"
-    say(
-        f"{args.method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
-        f"{len(val)} val images; crop {crop[0]}x{crop[1]}; {config.iterations} iterations "
-        f"({config.cold_start_iterations} cold start); backbone weights: {weights_note}"
-    )
 
-    if ctx.distributed:
-        batch = f"{ctx.world_size} x {args.batch_size}"
-        say(f"{ctx.world_size} processes ({ctx.backend}), global batch {batch}")
-    result = train_cycle(config, labelled, unlabelled, len(classes), val or None, init_state)
-    if not ctx.is_main:
-        distributed.barrier()  # while rank 0 writes
-        return 0
 
-    args.out.mkdir(parents=True, exist_ok=True)
+def save_outputs(
+    out: Path, config: TrainConfig, result: TrainResult, classes: list[str], fraction: float
+) -> None:
+    """model.pt (the teacher, with the train state), history.json, metrics.json; prints the
+    per-class IoU table."""
+    out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "version": f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "version": f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}",
         "config": config.to_dict(),
         "metrics": result.metrics,
-        "labelled_fraction": labelled_fraction(labelled, train),
+        "labelled_fraction": fraction,
         "train_state": result.state,
     }
-    save_checkpoint(args.out / "model.pt", result.teacher, classes, meta)
-    (args.out / "history.json").write_text(json.dumps(result.history, indent=1))
-    (args.out / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
+    save_checkpoint(out / "model.pt", result.teacher, classes, meta)
+    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
     if result.metrics:
         print(iou_table(classes, result.metrics))
-    print(f"saved {args.out / 'model.pt'} (the teacher)")
-    distributed.barrier()
-    return 0
+    print(f"saved {out / 'model.pt'} (the teacher)")
 
 
 def labelled_fraction(labelled: Sequence[Sample], train: Sequence[Sample]) -> float:

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.batches import labelled_pixel_weights
 from model.config import METHODS, TrainConfig
 from model.data import IGNORE_INDEX, Sample, load_folder, read_split
 from model.methods import STEPS
-from model.train import Trainer, labelled_pixel_weights, main, train_cycle
+from model.train import Trainer, main, train_cycle
 
 NUM_CLASSES = 11
 

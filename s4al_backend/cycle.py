@@ -49,21 +49,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import store as store_module
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask, mask_to_results
+from .settings import Settings
 from .studio import Studio
+
+if TYPE_CHECKING:  # images.py is imported when a cycle fetches
+    from .images import ImageFetcher
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +130,21 @@ def pick_annotation(task: dict) -> dict | None:
         return None
     return max(candidates, key=lambda a: (bool(a.get("ground_truth")),
                                           str(a.get("updated_at") or ""), int(a.get("id") or 0)))
+
+
+@dataclass
+class Outcome:
+    """The version a cycle serves: trained now (with its networks and train state) or the
+    current one reused (networks loaded later, if needed)."""
+
+    version: str
+    metrics: dict
+    labelled_fraction: float | None
+    holdout_tasks: int
+    trained: bool
+    student: Any = None
+    teacher: Any = None
+    state: dict | None = None
 
 
 class Outbox:
@@ -192,9 +212,9 @@ class Cycle:
     """One cycle; `run()` does steps 1-6. Built by `run_cycle`; tests may inject the
     Label Studio client and the image fetcher."""
 
-    def __init__(self, settings: Any, project: int, *, reason: str = "",
+    def __init__(self, settings: Settings, project: int, *, reason: str = "",
                  progress: Callable[[dict], None] | None = None,
-                 studio: Studio | None = None, fetcher=None):
+                 studio: Studio | None = None, fetcher: ImageFetcher | None = None):
         self.settings = settings
         self.project = int(project)
         self.reason = reason
@@ -222,12 +242,68 @@ class Cycle:
                     f" annotation {annotation}" if annotation is not None else "", reason)
         self.skipped.append(entry)
 
-    def timed(self, name: str, started: float) -> None:
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - started, 3)
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to `timings[name]` (seconds, rounded to ms)."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            elapsed = self.timings.get(name, 0.0) + time.monotonic() - started
+            self.timings[name] = round(elapsed, 3)
 
     # ------------------------------------------------------------------ the cycle
     def run(self) -> dict:
-        t0 = time.monotonic()
+        with self.timed("read_s"):
+            info, label_map, tasks, pool, region_tasks = self.read()
+        with self.timed("images_s"):
+            pool = self.images(pool)
+        self.build_labels(pool, region_tasks, label_map)
+        summary = {
+            "project": self.project,
+            "reason": self.reason,
+            "tasks": len(tasks),
+            "image_tasks": len(pool),
+            "region_tasks": len(region_tasks),
+            "labelled_tasks": sum(item.labelled for item in pool.values()),
+        }
+        previous = self.store.current()
+        if not summary["labelled_tasks"]:
+            log.info("project %s: no usable annotation yet; nothing to train", self.project)
+            return {**summary, "status": "no-labels", "version": previous,
+                    "message": "no usable annotation yet", "skipped": self.skipped[:50],
+                    "timings": self.timings}
+        self.assign_holdout(pool)
+        outcome = self.train_or_reuse(label_map, pool, previous)
+        with self.timed("acquire_s"):
+            regions, pushed, queued = self.predict_and_acquire(label_map, pool, tasks,
+                                                               region_tasks, outcome)
+        with self.timed("push_s"):
+            created = self.push_regions(label_map, regions, outcome.version)
+            followed = self.follow_version(info, outcome.version, tasks)
+        return {
+            **summary,
+            "status": "done",
+            "version": outcome.version,
+            "previous_version": previous,
+            "trained": outcome.trained,
+            "metrics": outcome.metrics,
+            "labelled_fraction": outcome.labelled_fraction,
+            "holdout_tasks": outcome.holdout_tasks,
+            "regions_selected": len(regions),
+            "regions_created": len(created),
+            "region_ids": [r["data"]["region_id"] for r in regions],
+            "predictions_pushed": pushed,
+            "queued_pixels": queued,
+            "project_model_version": followed,
+            "skipped": self.skipped[:MAX_SKIPPED_REPORTED],
+            "skipped_count": len(self.skipped),
+            "timings": self.timings,
+        }
+
+    def read(self) -> tuple[dict, LabelMap, list[dict], dict[int, PoolItem], list[dict]]:
+        """1: the project, its label config and every task, split into image tasks (the
+        pool) and region tasks."""
         self.phase("read", message="reading the project from Label Studio")
         info = self.studio.project(self.project)
         try:
@@ -236,55 +312,38 @@ class Cycle:
             raise CycleError(f"project {self.project}: {exc}") from exc
         tasks = list(self.studio.iter_tasks(self.project))
         pool, region_tasks = self.split(tasks, label_map)
-        self.timed("read_s", t0)
+        return info, label_map, tasks, pool, region_tasks
 
-        t0 = time.monotonic()
+    def images(self, pool: dict[int, PoolItem]) -> dict[int, PoolItem]:
+        """The pool items whose image loaded."""
         self.phase("images", message=f"{len(pool)} images")
         self.load_images(pool)
         pool = {tid: item for tid, item in pool.items() if item.image is not None}
         if not pool:
             raise CycleError(f"project {self.project}: no task image could be loaded")
-        self.timed("images_s", t0)
+        return pool
 
-        self.build_labels(pool, region_tasks, label_map)
-        labelled = [item for item in pool.values() if item.labelled]
-        summary = {
-            "project": self.project,
-            "reason": self.reason,
-            "tasks": len(tasks),
-            "image_tasks": len(pool),
-            "region_tasks": len(region_tasks),
-            "labelled_tasks": len(labelled),
-        }
-        previous = self.store.current()
-        if not labelled:
-            log.info("project %s: no usable annotation yet; nothing to train", self.project)
-            return {**summary, "status": "no-labels", "version": previous,
-                    "message": "no usable annotation yet", "skipped": self.skipped[:50],
-                    "timings": self.timings}
-        self.assign_holdout(pool)
+    def train_or_reuse(self, label_map: LabelMap, pool: dict[int, PoolItem],
+                       previous: str | None) -> Outcome:
+        """3-4: train and save a new version, or reuse the current one when nothing
+        changed since it (same annotations, classes, method; e.g. a retry after a failed
+        push)."""
         train_items = [item for item in pool.values() if not item.holdout]
         holdout = [item for item in pool.values() if item.holdout and item.labelled]
-
         fingerprint = self.fingerprint(label_map, pool)
         current_meta = self.current_meta(previous) if previous else None
         if current_meta is not None:
             current_meta = {**current_meta, "version": previous}
-        reuse = (current_meta is not None and current_meta.get("fingerprint") == fingerprint
-                 and tuple(current_meta.get("classes") or ()) == label_map.classes)
-        if reuse:
+        if (current_meta is not None and current_meta.get("fingerprint") == fingerprint
+                and tuple(current_meta.get("classes") or ()) == label_map.classes):
             log.info("project %s: nothing changed since %s; reusing it", self.project, previous)
-            version = previous
-            student = teacher = state = None  # loaded only if there is work for them
-            metrics = current_meta.get("metrics") or {}
-            labelled_fraction = current_meta.get("labelled_fraction")
-            trained = False
-        else:
-            t0 = time.monotonic()
+            # networks loaded only if there is work for them
+            return Outcome(previous, current_meta.get("metrics") or {},
+                           current_meta.get("labelled_fraction"), len(holdout), trained=False)
+        with self.timed("train_s"):
             student, teacher, metrics, state, config = self.train(
                 label_map, train_items, holdout, current_meta)
-            self.timed("train_s", t0)
-            t0 = time.monotonic()
+        with self.timed("save_s"):
             self.phase("save")
             labelled_fraction = self.labelled_fraction(train_items)
             version = self.store.save(teacher, list(label_map.classes), {
@@ -298,53 +357,32 @@ class Cycle:
                 "holdout_tasks": len(holdout),
                 "method": config.method,
             })
-            self.timed("save_s", t0)
-            log.info("project %s: saved %s (previous %s), holdout mIoU %s", self.project,
-                     version, previous, _miou(metrics))
-            trained = True
+        log.info("project %s: saved %s (previous %s), holdout mIoU %s", self.project,
+                 version, previous, _miou(metrics))
+        return Outcome(version, metrics, labelled_fraction, len(holdout), trained=True,
+                       student=student, teacher=teacher, state=state)
 
-        t0 = time.monotonic()
-        # a version acquires once: a retry (or a rerun with nothing new) adds no regions
+    def predict_and_acquire(self, label_map: LabelMap, pool: dict[int, PoolItem],
+                            tasks: list[dict], region_tasks: list[dict],
+                            outcome: Outcome) -> tuple[list[dict], int, int]:
+        """5-6, unless done already: a version acquires once (a retry, or a rerun with
+        nothing new, adds no regions) and predicts each task once."""
+        version = outcome.version
         acquired = any((t.get("data") or {}).get("cycle_version") == version
                        for t in region_tasks)
         have = {int(t["id"]) for t in tasks if any(
             (p or {}).get("model_version") == version for p in t.get("predictions") or [])}
         open_regions = [int(r["task"]["id"]) for item in pool.values() for r in item.regions
                         if not r.get("labelled") and pick_annotation(r["task"]) is None]
-        pushed = queued = 0
         if acquired and have.issuperset(list(pool) + open_regions):
             log.info("project %s: every task has a %s prediction and its regions are pushed; "
                      "nothing to do", self.project, version)
-            regions = []
-        else:
-            if teacher is None:
-                student, teacher, state = self.load_models(version)
-            regions, pushed, queued = self.acquire(label_map, pool, student, teacher, version,
-                                                   select=not acquired, have=have, state=state)
-        self.timed("acquire_s", t0)
-        t0 = time.monotonic()
-        created = self.push_regions(label_map, regions, version)
-        followed = self.follow_version(info, version, tasks)
-        self.timed("push_s", t0)
-        return {
-            **summary,
-            "status": "done",
-            "version": version,
-            "previous_version": previous,
-            "trained": trained,
-            "metrics": metrics,
-            "labelled_fraction": labelled_fraction,
-            "holdout_tasks": len(holdout),
-            "regions_selected": len(regions),
-            "regions_created": len(created),
-            "region_ids": [r["data"]["region_id"] for r in regions],
-            "predictions_pushed": pushed,
-            "queued_pixels": queued,
-            "project_model_version": followed,
-            "skipped": self.skipped[:MAX_SKIPPED_REPORTED],
-            "skipped_count": len(self.skipped),
-            "timings": self.timings,
-        }
+            return [], 0, 0
+        student, teacher, state = outcome.student, outcome.teacher, outcome.state
+        if teacher is None:
+            student, teacher, state = self.load_models(version)
+        return self.acquire(label_map, pool, student, teacher, version, select=not acquired,
+                            have=have, state=state)
 
     # ------------------------------------------------------------------ 1-2: tasks -> labels
     def split(self, tasks: list[dict], label_map: LabelMap):
@@ -786,9 +824,9 @@ def _miou(metrics: dict) -> str:
         return "n/a (no holdout)"
 
 
-def run_cycle(settings: Any, project: int, *, reason: str = "",
+def run_cycle(settings: Settings, project: int, *, reason: str = "",
               progress: Callable[[dict], None] | None = None, studio: Studio | None = None,
-              fetcher=None) -> dict:
+              fetcher: ImageFetcher | None = None) -> dict:
     """Run one active-learning cycle for `project`; returns a JSON-ready summary (status,
     version, metrics, regions created, predictions pushed, skipped annotations, timings)."""
     return Cycle(settings, project, reason=reason, progress=progress, studio=studio,

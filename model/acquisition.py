@@ -461,6 +461,15 @@ def _probabilities(model, samples, heuristic, batch_size, device, amp) -> Iterat
     return inference.predict_probabilities(model, images, batch_size, device, amp=amp)
 
 
+def _score_map(heuristic, probs, shape, labelled, priority_maps, index, priority_weight):
+    """One image's score map, queued pixels raised; zeros, without asking the heuristic or
+    the priority map, when nothing is left to label (every block is excluded anyway)."""
+    if labelled.all():
+        return np.zeros(shape)
+    score = heuristic.compute_score(placeholder(*shape) if probs is None else probs)
+    return prioritise(score, priority_maps[index], priority_weight)
+
+
 def score_pool(
     model: torch.nn.Module | None,
     samples: Sequence,
@@ -502,7 +511,6 @@ def score_pool(
     priority_maps = _per_image(priority_maps, n, "priority_maps")
     log = log or (lambda message: print(message, file=sys.stderr))
     stream = _probabilities(model, samples, heuristic, batch_size, device, amp)
-
     grids: list[BlockGrid] = []
     image_scores = np.empty(n, dtype=np.float64)
     start = time.perf_counter()
@@ -512,11 +520,7 @@ def score_pool(
             on_image(index, probs)
         shape = _image_of(samples[index]).shape[:2]
         labelled = _labelled_bool(labelled_masks[index], shape)
-        if labelled.all():
-            score = np.zeros(shape)  # never read: every block is excluded
-        else:
-            score = heuristic.compute_score(placeholder(*shape) if probs is None else probs)
-            score = prioritise(score, priority_maps[index], priority_weight)
+        score = _score_map(heuristic, probs, shape, labelled, priority_maps, index, priority_weight)
         grids.append(
             block_scores(score, blocks[index], labelled, cost_masks[index], max_labelled_fraction)
         )

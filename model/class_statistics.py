@@ -117,22 +117,8 @@ def statistics_from_moments(
     full_cov = torch.zeros(num_classes, dtype=torch.bool, device=total.device)
     floor = 1e-6 * pooled_var
 
-    if covariance == "tied":
-        if dof >= max(min_cov_pixels - 1, 1):
-            tied = scatter.sum(0, keepdim=True) / dof
-            n_tied = torch.full((1,), dof, dtype=torch.float64, device=total.device)
-            inverse, ok = _shrunk_inverse(tied, n_tied, shrinkage, floor)
-            if bool(ok[0]):
-                inv_cov[present] = inverse[0]
-                full_cov[present] = True
-    else:
-        idx = torch.nonzero(count >= max(min_cov_pixels, 2)).flatten()
-        if len(idx):  # every full-covariance class in one batched factorisation
-            nc = count[idx]
-            cov = scatter[idx] / (nc - 1.0)[:, None, None]
-            inverse, ok = _shrunk_inverse(cov, nc, shrinkage, floor)
-            inv_cov[idx[ok]] = inverse[ok]  # the others keep the Euclidean fallback
-            full_cov[idx[ok]] = True
+    covariances = _tied_covariance if covariance == "tied" else _class_covariances
+    covariances(inv_cov, full_cov, scatter, count, dof, min_cov_pixels, shrinkage, floor)
     return ClassStatistics(
         mean=mean.float(),
         inv_cov=inv_cov.float(),
@@ -140,6 +126,33 @@ def statistics_from_moments(
         full_cov=full_cov,
         tied=covariance == "tied",
     )
+
+
+def _tied_covariance(inv_cov, full_cov, scatter, count, dof, min_cov_pixels, shrinkage, floor):
+    """One pooled within-class covariance for every present class, in place (when there
+    are enough pixels and it factorises; else the Euclidean fallback stays)."""
+    if dof < max(min_cov_pixels - 1, 1):
+        return
+    present = count > 0
+    tied = scatter.sum(0, keepdim=True) / dof
+    n_tied = torch.full((1,), dof, dtype=torch.float64, device=scatter.device)
+    inverse, ok = _shrunk_inverse(tied, n_tied, shrinkage, floor)
+    if bool(ok[0]):
+        inv_cov[present] = inverse[0]
+        full_cov[present] = True
+
+
+def _class_covariances(inv_cov, full_cov, scatter, count, dof, min_cov_pixels, shrinkage, floor):
+    """Each class with enough pixels its own covariance, in place, all in one batched
+    factorisation; the others keep the Euclidean fallback."""
+    idx = torch.nonzero(count >= max(min_cov_pixels, 2)).flatten()
+    if not len(idx):
+        return
+    nc = count[idx]
+    cov = scatter[idx] / (nc - 1.0)[:, None, None]
+    inverse, ok = _shrunk_inverse(cov, nc, shrinkage, floor)
+    inv_cov[idx[ok]] = inverse[ok]
+    full_cov[idx[ok]] = True
 
 
 def class_moments(

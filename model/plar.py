@@ -476,7 +476,7 @@ class PseudoLabelRefiner(nn.Module):
         among the teacher's k most probable classes of the grid cell (None: among all; see
         the module notes).
         """
-        n, height, width = pseudo_label.shape
+        n = len(pseudo_label)
         fa, fd = self._grid(aspp, decoder)
         grid = tuple(fd.shape[-2:])
         h, w = grid
@@ -513,7 +513,22 @@ class PseudoLabelRefiner(nn.Module):
             grid_corrected[i].view(-1)[idx] = v.corrected
             grid_queued[i].view(-1)[idx] = v.queued
 
-        size = (height, width)
+        grids = (grid_label, grid_corrected, grid_queued)
+        return self._full_resolution(grids, pseudo_label, error, labels, image_stats)
+
+    def _full_resolution(
+        self,
+        grids: tuple[Tensor, Tensor, Tensor],
+        pseudo_label: Tensor,
+        error: Tensor,
+        labels: Tensor,
+        image_stats: Tensor,
+    ) -> Refinement:
+        """The grid's answer (label, corrected, queued) brought back to the images' pixels
+        (nearest neighbour), applied to error pixels only; labelled pixels keep theirs."""
+        grid_label, grid_corrected, grid_queued = grids
+        size = tuple(pseudo_label.shape[-2:])
+        labelled = labels != IGNORE_INDEX
         up_label = resize_labels(grid_label, size)
         up_corr = resize_labels(grid_corrected.long(), size).bool() & error
         up_queue = resize_labels(grid_queued.long(), size).bool() & error & ~up_corr

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from s4al_backend import jobs
-from s4al_backend.cycle import Cycle, region_id, run_cycle
+from s4al_backend.acquire import Acquisition
+from s4al_backend.cycle import Cycle, run_cycle
 from s4al_backend.labels import IGNORE_INDEX, LabelMap, mask_to_results
+from s4al_backend.pool import region_id
 from s4al_backend.settings import Settings
 from s4al_backend.store import project_store
 from s4al_backend.studio import StudioError
@@ -365,7 +367,7 @@ def test_sigkilled_worker_leaves_the_version_unchanged(studio, tmp_path, redis_e
 
 def test_cycle_region_ids_are_deterministic():
     assert region_id(12, 30, 60, 10, 10) == "t12-x30-y60-w10-h10"
-    assert Cycle.rectangle(LabelMap.from_config(
+    assert Acquisition.rectangle(LabelMap.from_config(
         '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
         '<Label value="A"/></BrushLabels><RectangleLabels name="region" toName="image">'
         '<Label value="Region"/></RectangleLabels></View>'), (120, 160), 16, 12, 8, 6)[

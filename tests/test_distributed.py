@@ -547,7 +547,8 @@ def test_cycle_with_num_gpus_above_one_trains_through_launch_train_cycle(tmp_pat
     is tested above); with NUM_GPUS=1 it calls train_cycle in the job's process."""
     from types import SimpleNamespace
 
-    from s4al_backend.cycle import Cycle, PoolItem
+    from s4al_backend.cycle import Cycle
+    from s4al_backend.pool import PoolItem
     from s4al_backend.settings import Settings
 
     calls = []

@@ -148,10 +148,13 @@ def test_frozen():
 def test_backbone_weights(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
-    def resolved(value):
-        return Settings.from_env({"BACKBONE_WEIGHTS": value}).resolve_backbone_weights()
+    from model.network import resolve_backbone_weights  # what training resolves it with
 
-    assert resolved(str(weights)) == weights
+    def resolved(value):
+        setting = Settings.from_env({"BACKBONE_WEIGHTS": value}).backbone_weights
+        return resolve_backbone_weights(setting)
+
+    assert resolved(str(weights)) == str(weights)
     assert resolved("none") is None
     assert resolved("ImageNet") == "imagenet"
     auto = resolved("")

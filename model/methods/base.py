@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, default_collate
 from model import distributed
 from model.config import TrainConfig
 from model.mixing import ClassSampler, RandomHalf, ReplayBuffer, apply_mix, classmix_masks
-from model.ssl import eta, weighted_ce
+from model.ssl import EMATeacher, eta, weighted_ce
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Host(Protocol):
     optimizer: torch.optim.Optimizer
     class_sampler: ClassSampler
     unlabelled_data: Dataset
-    teacher: Any  # model.ssl.EMATeacher
+    teacher: EMATeacher
     student_train: nn.Module
 
     def pseudo_label(self, weak: Tensor, partial_mask: Tensor) -> tuple[Tensor, Tensor]: ...

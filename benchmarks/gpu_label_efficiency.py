@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from model.data import load_folder, read_classes, read_split
-from model.simulate import PROTOCOLS, cycle_config, parse_row
+from model.protocols import PROTOCOLS, parse_row
+from model.simulation import cycle_config
 from model.train import Trainer
 
 ROWS = ("entropy-regions", "random-regions", "full", "initial-only")

@@ -24,13 +24,14 @@ import heapq
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from model.ignore import IGNORE_INDEX
+
 _REFERENCE_HEIGHT = 360
 _REFERENCE_REGION = 30
 
@@ -113,7 +114,9 @@ class LeastConfidence(AbstractHeuristic):
 
 
 class RandomScore(AbstractHeuristic):
-    """Uniform random scores from a seeded generator (a new draw at every call)."""
+    """Uniform random scores from a seeded generator (a new draw at every call). Only the
+    probabilities' shape is read, so a placeholder without classes (``0 x H x W``, see
+    ``placeholder``) stands in for a network's output."""
 
     name = "random"
     needs_model = False
@@ -128,10 +131,6 @@ class RandomScore(AbstractHeuristic):
         out_shape = shape[:axis] + shape[axis + 1 :]
         score = self._rng.random(out_shape, dtype=np.float32)
         return score if not isinstance(probs, torch.Tensor) else torch.from_numpy(score)
-
-    def random_map(self, height: int, width: int) -> np.ndarray:
-        """A score map for an image, without probabilities (no model needed)."""
-        return self._rng.random((height, width), dtype=np.float32)
 
     def __repr__(self) -> str:
         return f"RandomScore(seed={self.seed})"
@@ -152,6 +151,12 @@ def get_heuristic(name: str, seed: int = 0) -> AbstractHeuristic:
     except KeyError:
         raise ValueError(f"unknown heuristic {name!r}; choose from {sorted(HEURISTICS)}") from None
     return cls(seed) if cls is RandomScore else cls()
+
+
+def placeholder(height: int, width: int) -> torch.Tensor:
+    """What a heuristic with ``needs_model = False`` scores instead of probabilities: an
+    empty ``0 x H x W`` tensor (no memory, no network run)."""
+    return torch.empty(0, height, width)
 
 
 def region_size_for(height: int) -> int:
@@ -436,11 +441,40 @@ def _image_of(sample) -> np.ndarray:
     return sample.image if hasattr(sample, "image") else sample
 
 
+def _per_image(values: Sequence | None, n: int, what: str) -> Sequence:
+    if values is None:
+        return [None] * n
+    if len(values) != n:
+        raise ValueError(f"{what} needs one entry per sample ({len(values)} for {n})")
+    return values
+
+
+def _probabilities(model, samples, heuristic, batch_size, device, amp) -> Iterator:
+    """Per sample, the model's probabilities, or None for a heuristic that needs none."""
+    from model import inference  # imported here: acquisition alone needs no network code
+
+    if not heuristic.needs_model:
+        return iter([None] * len(samples))
+    if model is None:
+        raise ValueError(f"{heuristic!r} needs a model")
+    images = (_image_of(sample) for sample in samples)
+    return inference.predict_probabilities(model, images, batch_size, device, amp=amp)
+
+
+def _score_map(heuristic, probs, shape, labelled, priority_maps, index, priority_weight):
+    """One image's score map, queued pixels raised; zeros, without asking the heuristic or
+    the priority map, when nothing is left to label (every block is excluded anyway)."""
+    if labelled.all():
+        return np.zeros(shape)
+    score = heuristic.compute_score(placeholder(*shape) if probs is None else probs)
+    return prioritise(score, priority_maps[index], priority_weight)
+
+
 def score_pool(
     model: torch.nn.Module | None,
     samples: Sequence,
     heuristic: AbstractHeuristic,
-    block: int,
+    block: int | Sequence[int],
     labelled_masks: Sequence | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
@@ -450,54 +484,48 @@ def score_pool(
     priority_maps: Sequence | None = None,
     priority_weight: float = 0.0,
     amp: bool = False,
+    on_image: Callable[[int, torch.Tensor | None], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PoolScores:
-    """Score every image of a pool, streaming.
+    """Score every image of a pool, streaming: the one scorer of the simulator and the
+    service.
 
-    ``samples``: ``Sample``s (their ``.image``) or ``uint8 H x W x 3`` arrays.
-    ``labelled_masks[i]``: image i's labelled pixels (bool) or partial label (255 = not
-    labelled), or None. ``priority_maps[i]`` (bool, or None): pixels to label first,
-    ``priority_weight`` added to their score (see ``prioritise``). Probabilities come one
-    image at a time from ``model.inference.predict_probabilities`` and are dropped once
-    reduced to a block grid and an image score, so memory does not grow with the pool. A
-    heuristic with ``needs_model = False`` (random) skips the network. Prints images per
-    second.
+    ``samples``: ``Sample``s (their ``.image``) or ``uint8 H x W x 3`` arrays. Per image
+    (sequences with one entry per sample; they may compute entries on demand):
+    ``block`` the block side (or one int for all), ``labelled_masks[i]`` its labelled
+    pixels (bool) or partial label (255 = not labelled), or None; ``priority_maps[i]``
+    (bool, or None): pixels to label first, ``priority_weight`` added to their score (see
+    ``prioritise``); ``cost_masks[i]`` see ``block_scores``. An image with nothing left to
+    label is not scored (its grid is all excluded; neither the heuristic nor its priority
+    map is asked). ``on_image(i, probs)`` receives each image's probabilities
+    (``C x H x W``; None for a heuristic with ``needs_model = False``, which skips the
+    network), e.g. to push predictions while scoring. Probabilities come from
+    ``model.inference.predict_probabilities`` and are dropped once reduced to a block grid
+    and an image score, so memory does not grow with the pool. Logs images per second.
     """
-    from model import inference  # imported here: acquisition alone needs no network code
-
     n = len(samples)
-    labelled_masks = labelled_masks if labelled_masks is not None else [None] * n
-    cost_masks = cost_masks if cost_masks is not None else [None] * n
-    priority_maps = priority_maps if priority_maps is not None else [None] * n
-    if not len(labelled_masks) == len(cost_masks) == len(priority_maps) == n:
-        raise ValueError("labelled_masks / cost_masks / priority_maps need one entry per sample")
+    blocks = [block] * n if isinstance(block, int) else _per_image(block, n, "block")
+    labelled_masks = _per_image(labelled_masks, n, "labelled_masks")
+    cost_masks = _per_image(cost_masks, n, "cost_masks")
+    priority_maps = _per_image(priority_maps, n, "priority_maps")
     log = log or (lambda message: print(message, file=sys.stderr))
-
-    if heuristic.needs_model:
-        if model is None:
-            raise ValueError(f"{heuristic!r} needs a model")
-        images = (_image_of(sample) for sample in samples)
-        scores = (
-            heuristic.compute_score(probs)
-            for probs in inference.predict_probabilities(model, images, batch_size, device, amp=amp)
-        )
-    else:
-        scores = (heuristic.random_map(*_image_of(s).shape[:2]) for s in samples)
-
+    stream = _probabilities(model, samples, heuristic, batch_size, device, amp)
     grids: list[BlockGrid] = []
     image_scores = np.empty(n, dtype=np.float64)
     start = time.perf_counter()
     bar = _progress(n, f"scoring ({heuristic.name})", progress)
-    for index, score in enumerate(scores):
-        score = prioritise(score, priority_maps[index], priority_weight)
+    for index, probs in enumerate(stream):
+        if on_image is not None:
+            on_image(index, probs)
+        shape = _image_of(samples[index]).shape[:2]
+        labelled = _labelled_bool(labelled_masks[index], shape)
+        score = _score_map(heuristic, probs, shape, labelled, priority_maps, index, priority_weight)
         grids.append(
-            block_scores(
-                score, block, labelled_masks[index], cost_masks[index], max_labelled_fraction
-            )
+            block_scores(score, blocks[index], labelled, cost_masks[index], max_labelled_fraction)
         )
-        image_scores[index] = image_score(score, labelled_masks[index])
-        del score
+        image_scores[index] = image_score(score, labelled)
+        del score, probs
         bar.update(1)
     bar.close()
     if len(grids) != n:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from model.atomic import atomic_write
-from model.network import DeepLabV3Plus
+from model.network import DeepLabV3Plus, network_from_weights
 
 FORMAT = "s4al-checkpoint"
 FORMAT_VERSION = 1
@@ -58,10 +58,9 @@ def load_checkpoint(
     missing = [key for key in _REQUIRED_KEYS if key not in payload]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
-    model = DeepLabV3Plus(payload["num_classes"], backbone_weights=None)
     try:
-        model.load_state_dict(payload["state_dict"])
+        model = network_from_weights(payload["state_dict"], payload["num_classes"], device)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} weights do not fit DeepLabV3Plus: {exc}") from exc
     meta = {**payload["meta"], "classes": payload["classes"]}
-    return model.to(device).eval(), meta
+    return model, meta

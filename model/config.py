@@ -12,8 +12,9 @@ from typing import Any
 
 from model.precision import AMP_CHOICES
 
+# the names of model.methods.STEPS (tests/test_methods.py checks they agree)
 METHODS = ("supervised", "mean-teacher", "s4al", "tsf-plar")
-METHODS += ("tsf", "tsf-conf", "tsf-emd", "tsf-plar-conf")  # tsf-plar's ablations (model.tsf)
+METHODS += ("tsf", "tsf-conf", "tsf-emd", "tsf-plar-conf")  # tsf-plar's ablations
 
 
 @dataclass
@@ -91,9 +92,9 @@ class TrainConfig:
     sync_batchnorm: bool = True
 
     # --- tsf-plar (issue 7): fields for Teacher-Student-Friend + PLAR go below. ---
-    # papers/tsf-plar.md, read by model.tsf. Which parts run is the method's choice (the
-    # ablation rows, model.tsf.VARIANTS: tsf, tsf-conf, tsf-emd, tsf-plar-conf, tsf-plar);
-    # these fields tune them.
+    # papers/tsf-plar.md, read by model.methods.tsf. Which parts run is the method's choice
+    # (the ablation rows, model.methods.tsf.VARIANTS: tsf, tsf-conf, tsf-emd, tsf-plar-conf,
+    # tsf-plar); these fields tune them.
     # TSF (Sec. 3.1): weight of the student <-> friend cross pseudo supervision (Eq. 3). The
     # paper's Eq. 4 weights are not legible in our copy; 1.5 is CPS's own (Chen et al. 2021).
     tsf_cps_weight: float = 1.5

@@ -41,25 +41,17 @@ Writes
     :func:`main_process_only`); the others wait at :func:`barrier` where they must.
 
 Launching
-    :func:`torchrun_command` builds the command line for N local processes (or one node of
-    a multi-node job with a rendezvous endpoint); ``python -m model.distributed run-cycle``
-    is the per-rank entry point that runs one ``train_cycle`` from a payload file written
-    by :func:`launch_train_cycle` (docs/DISTRIBUTED.md).
+    torchrun's command line and the service's N-process cycle are in model.launch.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
-import json
 import os
-import signal
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -72,35 +64,27 @@ T = TypeVar("T")
 __all__ = [
     "DistContext",
     "InfiniteShardedSampler",
-    "PortableSyncBatchNorm",
     "all_reduce_mean",
     "all_reduce_sum",
     "assert_same_on_all_ranks",
     "average_gradients",
     "barrier",
-    "bn_module_count",
     "broadcast_module",
     "cleanup_distributed",
-    "convert_sync_batchnorm",
     "current_context",
     "default_backend",
     "env_world",
     "get_rank",
     "get_world_size",
-    "has_sync_batchnorm",
     "init_distributed",
     "is_distributed",
     "is_main_process",
-    "launch_train_cycle",
     "main_process_only",
     "rank_seed",
-    "revert_sync_batchnorm",
     "split_evenly",
     "state_digest",
     "sync_buffers",
-    "torchrun_command",
     "unwrap_model",
-    "wrap_ddp",
 ]
 
 
@@ -430,10 +414,6 @@ def assert_same_on_all_ranks(
     return digest
 
 
-# ---------------------------------------------------------------------------------------
-# Models: DDP and synchronised BatchNorm
-
-
 def unwrap_model(module: nn.Module) -> nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
     while True:
@@ -443,172 +423,6 @@ def unwrap_model(module: nn.Module) -> nn.Module:
             module = module._orig_mod
         else:
             return module
-
-
-def wrap_ddp(
-    module: nn.Module,
-    ctx: DistContext | None = None,
-    *,
-    find_unused_parameters: bool = False,
-    broadcast_buffers: bool | None = None,
-    static_graph: bool = False,
-) -> nn.Module:
-    """DistributedDataParallel around ``module`` when distributed, else ``module`` itself.
-
-    Wrapping broadcasts rank 0's parameters and buffers. ``broadcast_buffers`` defaults to
-    False when the module already uses SyncBatchNorm (its statistics are global) and True
-    otherwise (rank 0's running statistics are re-broadcast at each forward).
-    Several forward calls before one backward are fine (labelled + unlabelled + replay),
-    as long as every parameter gets a gradient each step or ``find_unused_parameters``.
-    """
-    if not is_distributed():
-        return module
-    ctx = ctx or current_context()
-    if broadcast_buffers is None:
-        broadcast_buffers = not has_sync_batchnorm(module)
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # torch >= 2.14 renamed broadcast_buffers (per-forward buffer sync) forward_sync_buffers
-    ddp_params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    sync_kw = (
-        "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
-    )
-    return nn.parallel.DistributedDataParallel(
-        module,
-        device_ids=device_ids,
-        output_device=device_ids[0] if device_ids else None,
-        **{sync_kw: broadcast_buffers},
-        find_unused_parameters=find_unused_parameters,
-        gradient_as_bucket_view=True,
-        static_graph=static_graph,
-    )
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose gradient is again the sum over ranks of the gradients (every
-    rank's loss depends on every rank's input through the global statistics)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
-
-
-class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics cover the whole distributed batch, on any device.
-
-    torch's SyncBatchNorm only runs on GPUs; this one is written with an autograd-aware
-    all-reduce and so also works with gloo on CPU (two small collectives per layer: the
-    sums and counts, then the squared deviations; fp16/bf16 inputs are reduced in fp32).
-    It computes exactly what one process would compute on the concatenated batch
-    (unbiased variance for the running estimate), up to floating-point summation order.
-    In eval mode or a world of one it is plain BN.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if not (self.training and is_distributed()):
-            return super().forward(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        x = input if input.dtype in (torch.float32, torch.float64) else input.float()
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        local_count = x.new_full((1,), float(x.numel() // x.size(1)))
-        stats = _AllReduceSum.apply(torch.cat([x.sum(dim=dims), local_count]))
-        count = stats[-1:].detach()
-        mean = stats[:-1] / count
-        centred = x - mean.reshape(shape)
-        var = _AllReduceSum.apply((centred * centred).sum(dim=dims)) / count
-        out = centred * torch.rsqrt(var + self.eps).reshape(shape)
-        if self.affine:
-            out = out * self.weight.to(x.dtype).reshape(shape) + self.bias.to(x.dtype).reshape(
-                shape
-            )
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                n = float(count.item())
-                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
-                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
-        return out.to(input.dtype)
-
-
-def has_sync_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.SyncBatchNorm, PortableSyncBatchNorm)) for m in module.modules())
-
-
-def _swap_batchnorm(module: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace BatchNorm layers by ``make(layer)``, which takes over the layer's very
-    parameter and buffer objects (an optimiser built before the swap keeps working)."""
-    new = make(module)
-    if new is not None:
-        for name, param in module.named_parameters(recurse=False):
-            setattr(new, name, param)
-        for name, buf in module.named_buffers(recurse=False):
-            setattr(new, name, buf)
-        new.train(module.training)
-        if hasattr(module, "qconfig"):
-            new.qconfig = module.qconfig
-        return new
-    for name, child in module.named_children():
-        module.add_module(name, _swap_batchnorm(child, make))
-    return module
-
-
-def convert_sync_batchnorm(
-    module: nn.Module, device: torch.device | str | None = None, enabled: bool = True
-) -> nn.Module:
-    """Synchronise every BatchNorm over the process group (the SyncBatchNorm setting).
-
-    CUDA: ``torch.nn.SyncBatchNorm``; other devices: :class:`PortableSyncBatchNorm`. A
-    no-op when ``enabled`` is False or the world has one process. State-dict keys do not
-    change, so checkpoints load into the plain network. Call it before :func:`wrap_ddp`.
-    """
-    if not enabled or not is_distributed():
-        return module
-    if device is None:
-        p = next(module.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-
-    def make(m: nn.Module) -> nn.Module | None:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(
-            m, (PortableSyncBatchNorm, nn.SyncBatchNorm)
-        ):
-            return PortableSyncBatchNorm(
-                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
-            )
-        return None
-
-    return _swap_batchnorm(module, make)
-
-
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Back to plain ``BatchNorm2d`` (for export, inference or a non-distributed copy)."""
-
-    def make(m: nn.Module) -> nn.Module | None:
-        if isinstance(m, (nn.SyncBatchNorm, PortableSyncBatchNorm)):
-            return nn.BatchNorm2d(
-                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
-            )
-        return None
-
-    return _swap_batchnorm(module, make)
 
 
 # ---------------------------------------------------------------------------------------
@@ -679,262 +493,3 @@ def split_evenly(total: int, rank: int | None = None, world_size: int | None = N
     world = get_world_size() if world_size is None else world_size
     base, extra = divmod(int(total), world)
     return base + (1 if rank < extra else 0)
-
-
-# ---------------------------------------------------------------------------------------
-# Launching with torchrun
-
-
-def torchrun_command(
-    args: Sequence[str],
-    nproc_per_node: int,
-    *,
-    module: str | None = None,
-    nnodes: int | str = 1,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str | None = None,
-    rdzv_backend: str = "c10d",
-    max_restarts: int = 0,
-    python: str | None = None,
-) -> list[str]:
-    """``python -m torch.distributed.run ...`` for ``python -m module args``.
-
-    One node: ``--standalone`` (a local rendezvous on a free port). Several nodes: give
-    ``nnodes`` (e.g. 2 or "1:4") and ``rdzv_endpoint`` ("host:port" of any one node) and
-    the same ``rdzv_id`` on every node (docs/DISTRIBUTED.md).
-    """
-    if nproc_per_node < 1:
-        raise ValueError("nproc_per_node must be >= 1")
-    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
-    if rdzv_endpoint is None:
-        if str(nnodes) not in ("1", "1:1"):
-            raise ValueError("several nodes need rdzv_endpoint='host:port'")
-        cmd.append("--standalone")
-    else:
-        cmd += [
-            f"--rdzv-backend={rdzv_backend}",
-            f"--rdzv-endpoint={rdzv_endpoint}",
-            f"--rdzv-id={rdzv_id or 's4al'}",
-        ]
-    cmd += [
-        f"--nnodes={nnodes}",
-        f"--nproc-per-node={nproc_per_node}",
-        f"--max-restarts={max_restarts}",
-    ]
-    if module is not None:
-        cmd += ["-m", module]
-    cmd += list(args)
-    return cmd
-
-
-def bn_module_count(module: nn.Module) -> int:
-    """Number of BatchNorm layers (plain or synchronised), for logging."""
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-# ---------------------------------------------------------------------------------------
-# One training cycle on N local processes (the RQ job's NUM_GPUS > 1 path)
-
-PROGRESS_PREFIX = "S4AL_PROGRESS "
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def launch_train_cycle(
-    nproc_per_node: int,
-    config: Any,
-    labelled: Sequence[Any],
-    unlabelled: Sequence[Any],
-    num_classes: int,
-    val: Sequence[Any] | None = None,
-    init_state: dict | None = None,
-    progress: Callable[[dict], None] | None = None,
-    *,
-    workdir: str | Path | None = None,
-    timeout_s: float | None = None,
-    log: Callable[[str], None] | None = None,
-    env: dict[str, str] | None = None,
-    nnodes: int | str = 1,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str | None = None,
-) -> Any:
-    """``model.train.train_cycle`` on ``nproc_per_node`` processes started by torchrun.
-
-    Same arguments and result (a ``TrainResult``) as ``train_cycle``. The inputs go to the
-    ranks through a payload file in ``workdir`` (a temporary folder by default; on several
-    nodes it must be on a filesystem every node sees, and the other nodes run
-    :func:`torchrun_command` with the same rendezvous themselves). Rank 0 reports progress
-    as ``S4AL_PROGRESS {json}`` lines on stdout, forwarded to ``progress``; every other
-    output line goes to ``log``. A failed rank fails the whole launch (RuntimeError with
-    the output's tail); ``timeout_s`` kills the process group.
-    """
-    import subprocess
-    import tempfile
-
-    owned = None
-    if workdir is None:
-        owned = tempfile.TemporaryDirectory(prefix="s4al-ddp-")
-        workdir = owned.name
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    payload, result_path = workdir / "payload.pt", workdir / "result.pt"
-    try:
-        torch.save(
-            {
-                "config": config.to_dict(),
-                "labelled": list(labelled),
-                "unlabelled": list(unlabelled),
-                "num_classes": int(num_classes),
-                "val": list(val) if val else None,
-                "init_state": init_state,
-            },
-            payload,
-        )
-        result_path.unlink(missing_ok=True)
-        cmd = torchrun_command(
-            ["run-cycle", "--payload", str(payload), "--result", str(result_path)],
-            nproc_per_node,
-            module="model.distributed",
-            nnodes=nnodes,
-            rdzv_endpoint=rdzv_endpoint,
-            rdzv_id=rdzv_id,
-        )
-        child_env = {**os.environ, **(env or {})}
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
-        )
-        child_env.setdefault("OMP_NUM_THREADS", "1")
-        child_env["PYTHONUNBUFFERED"] = "1"
-        tail: list[str] = []
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=child_env,
-            cwd=_REPO_ROOT,
-            start_new_session=True,  # one process group: torchrun and its ranks
-        )
-        timer = None
-        if timeout_s is not None:
-            import threading
-
-            def kill() -> None:
-                if proc.poll() is None:
-                    tail.append(f"[killed after {timeout_s:.0f} s]")
-                    os.killpg(proc.pid, signal.SIGKILL)
-
-            timer = threading.Timer(timeout_s, kill)
-            timer.daemon = True
-            timer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                if line.startswith(PROGRESS_PREFIX):
-                    if progress is not None:
-                        progress(json.loads(line[len(PROGRESS_PREFIX) :]))
-                    continue
-                tail = (tail + [line])[-40:]
-                if log is not None:
-                    log(line)
-            rc = proc.wait()
-        finally:  # also on an exception in this process (e.g. the job's own timeout)
-            if timer is not None:
-                timer.cancel()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
-                proc.wait()
-        if rc != 0 or not result_path.is_file():
-            raise RuntimeError(
-                f"distributed training on {nproc_per_node} process(es) failed (exit {rc}):\n"
-                + "\n".join(tail[-20:])
-            )
-        return _load_result(result_path, num_classes)
-    finally:
-        if owned is not None:
-            owned.cleanup()
-
-
-def _load_result(path: Path, num_classes: int) -> Any:
-    from model.network import DeepLabV3Plus
-    from model.train import TrainResult
-
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    nets = {}
-    for name in ("student", "teacher"):
-        net = DeepLabV3Plus(num_classes)
-        net.load_state_dict(saved[name])
-        nets[name] = net
-    nets["teacher"].eval().requires_grad_(False)
-    return TrainResult(
-        nets["student"], nets["teacher"], saved["history"], saved["metrics"], saved["state"]
-    )
-
-
-def run_cycle_worker(payload_path: str | Path, result_path: str | Path) -> int:
-    """One rank of :func:`launch_train_cycle` (``python -m model.distributed run-cycle``)."""
-    from model.config import TrainConfig
-    from model.train import train_cycle
-
-    payload = torch.load(payload_path, map_location="cpu", weights_only=False)
-    config = TrainConfig.from_dict(payload["config"])
-    ctx = init_distributed(device=config.device)
-    try:
-
-        def report(info: dict) -> None:
-            print(PROGRESS_PREFIX + json.dumps(info), flush=True)
-
-        result = train_cycle(
-            config,
-            payload["labelled"],
-            payload["unlabelled"],
-            payload["num_classes"],
-            payload["val"],
-            payload["init_state"],
-            report if ctx.is_main else None,
-        )
-        # ranks that drifted apart would make rank 0's result meaningless: fail loudly
-        teacher_digest = assert_same_on_all_ranks(unwrap_model(result.teacher), "teacher")
-        student = unwrap_model(result.student)
-        assert_same_on_all_ranks(dict(student.named_parameters()), "student parameters")
-        if ctx.is_main:
-            result_path = Path(result_path)
-            tmp = result_path.with_name(result_path.name + ".tmp")
-            torch.save(
-                {
-                    "student": unwrap_model(result.student).state_dict(),
-                    "teacher": unwrap_model(result.teacher).state_dict(),
-                    "history": result.history,
-                    "metrics": result.metrics,
-                    "state": result.state,
-                    "world_size": ctx.world_size,
-                    "teacher_digest": teacher_digest,
-                },
-                tmp,
-            )
-            os.replace(tmp, result_path)
-        barrier()
-    finally:
-        cleanup_distributed(ctx)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m model.distributed",
-        description="Per-rank entry points for torchrun (see docs/DISTRIBUTED.md).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run-cycle", help="one train_cycle from a launch_train_cycle payload")
-    run.add_argument("--payload", required=True, type=Path)
-    run.add_argument("--result", required=True, type=Path)
-    args = parser.parse_args(argv)
-    if os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    return run_cycle_worker(args.payload, args.result)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

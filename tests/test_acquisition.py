@@ -246,7 +246,9 @@ def test_random_score_is_seeded():
     a, b = RandomScore(5), RandomScore(5)
     assert torch.equal(a.compute_score(probs), b.compute_score(probs))
     assert not torch.equal(a.compute_score(probs), RandomScore(6).compute_score(probs))
-    assert a.random_map(4, 6).shape == (4, 6)
+    # without a network: a placeholder of the image's shape, the same contract
+    blank = acq.placeholder(4, 6)
+    assert blank.numel() == 0 and a.compute_score(blank).shape == (4, 6)
 
 
 def test_get_heuristic():
@@ -302,6 +304,68 @@ def test_score_pool_random_needs_no_model():
         None, pool(3, 30), RandomScore(0), 10, progress=False, log=lambda _: None
     )
     assert [g.shape for g in result.grids] == [(3, 3)] * 3
+
+
+def test_score_pool_hands_each_images_probabilities_to_on_image():
+    """The service pushes predictions from the scorer's own pass: on_image sees every
+    image's probabilities, in pool order, as predict_probabilities makes them."""
+    from model.inference import predict_probabilities
+
+    model, images = TinySegmenter().eval(), pool(3)
+    seen = []
+    acq.score_pool(
+        model, images, Entropy(), 16, batch_size=2, progress=False, log=lambda _: None,
+        on_image=lambda index, probs: seen.append((index, probs)),
+    )  # fmt: skip
+    assert [index for index, _ in seen] == [0, 1, 2]
+    for (_, probs), direct in zip(seen, predict_probabilities(model, images, 2), strict=True):
+        torch.testing.assert_close(probs, direct)
+    nothing = []
+    acq.score_pool(
+        None, images, RandomScore(0), 16, progress=False, log=lambda _: None,
+        on_image=lambda index, probs: nothing.append(probs),
+    )  # fmt: skip
+    assert nothing == [None, None, None]
+
+
+class Refuses(list):
+    """Per-image values that must not be read at `index`."""
+
+    def __init__(self, values, index):
+        super().__init__(values)
+        self.index = index
+
+    def __getitem__(self, index):
+        assert index != self.index, f"priority map {index} read"
+        return super().__getitem__(index)
+
+
+def test_score_pool_skips_images_with_nothing_left_to_label():
+    """A fully labelled image gets an all-excluded grid without being scored: random draws
+    go to the open images only (the service's random acquisition is seeded), and its
+    priority map is never computed."""
+    images = pool(3, 30)
+    full = np.ones((30, 30), dtype=bool)
+    with_full = acq.score_pool(
+        None, images, RandomScore(0), 10, [None, full, None], progress=False,
+        priority_maps=Refuses([None, None, None], 1), log=lambda _: None,
+    )  # fmt: skip
+    without = acq.score_pool(
+        None, [images[0], images[2]], RandomScore(0), 10, progress=False, log=lambda _: None
+    )
+    assert np.isneginf(with_full.grids[1].scores).all() and with_full.image_scores[1] == -np.inf
+    np.testing.assert_array_equal(with_full.grids[0].scores, without.grids[0].scores)
+    np.testing.assert_array_equal(with_full.grids[2].scores, without.grids[1].scores)
+
+
+def test_score_pool_takes_a_block_side_per_image():
+    """Label Studio projects mix image sizes: REGION_SIZE follows each image's height."""
+    images = [pool(1, 30)[0], pool(1, 60)[0]]
+    result = acq.score_pool(
+        None, images, RandomScore(0), [10, 20], progress=False, log=lambda _: None
+    )
+    assert [g.block for g in result.grids] == [10, 20]
+    assert [g.shape for g in result.grids] == [(3, 3), (3, 3)]
 
 
 class LiveTensors:

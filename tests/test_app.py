@@ -527,6 +527,19 @@ def test_bad_setting_stops_the_start_naming_the_variable(tmp_path):
     assert "DEVICE: must be auto, cpu, cuda" in done.stderr
 
 
-def test_untouched_torch_threads():
-    # the service never changes torch's threads unless TORCH_THREADS says so
-    assert torch.get_num_threads() == 1
+def test_torch_threads_change_only_when_torch_threads_says_so(tmp_path):
+    """The service's runtime leaves torch's thread count alone unless TORCH_THREADS is set
+    (the host decides; conftest's single thread stays for the other tests)."""
+    from s4al_backend.backend import Runtime
+    from s4al_backend.settings import Settings
+
+    before = torch.get_num_threads()
+    env = {"MODEL_DIR": str(tmp_path / "models"), "IMAGE_CACHE_DIR": str(tmp_path / "cache")}
+    try:
+        torch.set_num_threads(3)
+        Runtime(Settings.from_env(env))
+        assert torch.get_num_threads() == 3
+        Runtime(Settings.from_env({**env, "TORCH_THREADS": "2"}))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

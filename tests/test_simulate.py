@@ -1,4 +1,5 @@
-"""The active-learning simulator: row names, the oracle's bookkeeping, and the whole loop on
+"""The active-learning simulator (model/simulate.py, simulation.py, protocols.py, oracle.py):
+row names, the oracle's bookkeeping, and the whole loop on
 the bundled CamVid fixture (8 train + 4 val images at 120x160, a few steps per cycle)."""
 
 import json
@@ -12,18 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from model import simulate
+from model import simulate, simulation
 from model.acquisition import Region
 from model.data import IGNORE_INDEX, Sample
-from model.simulate import LabelState, parse_row
+from model.oracle import LabelState
+from model.protocols import PROTOCOLS, RowSpec, parse_row
 
 SPLIT = "splits/labeled_seed0.txt"
 
 
 def test_parse_row():
-    assert parse_row("full") == simulate.RowSpec("full", "supervised", "all")
-    assert parse_row("initial-only") == simulate.RowSpec("initial-only", "supervised", "split")
-    assert parse_row("mean-teacher") == simulate.RowSpec("mean-teacher", "mean-teacher", "split")
+    assert parse_row("full") == RowSpec("full", "supervised", "all")
+    assert parse_row("initial-only") == RowSpec("initial-only", "supervised", "split")
+    assert parse_row("mean-teacher") == RowSpec("mean-teacher", "mean-teacher", "split")
     spec = parse_row("entropy-regions")
     assert (spec.method, spec.acquisition, spec.heuristic) == ("s4al", "regions", "entropy")
     spec = parse_row("image-entropy")
@@ -174,8 +176,8 @@ def test_resume_continues_an_interrupted_row(camvid_root, tmp_path):
 def test_row_lock(tmp_path):
     lock = tmp_path / "lock"
     lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # held by a live process
-    with pytest.raises(simulate.SimulationError, match="in use"):
-        with simulate._lock(lock, "row 'x'"):
+    with pytest.raises(simulation.SimulationError, match="in use"):
+        with simulation._lock(lock, "row 'x'"):
             pass
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -184,7 +186,7 @@ def test_row_lock(tmp_path):
         check=True,
     )
     lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()}")  # left by a dead one
-    with simulate._lock(lock, "row 'x'"):
+    with simulation._lock(lock, "row 'x'"):
         assert lock.read_text().split()[1] == str(os.getpid())
     assert not lock.exists()
 
@@ -215,7 +217,7 @@ def test_protocol_overrides():
          "--backbone-weights", "none", "--no-warm-start"]
     )  # fmt: skip
     protocol = simulate.protocol_from_args(args)
-    base = simulate.PROTOCOLS["camvid-cpu"]
+    base = PROTOCOLS["camvid-cpu"]
     assert protocol.iterations == tuple(round(i / 2) for i in base.iterations)
     assert (protocol.crop, protocol.score_with, protocol.backbone_weights) == (96, "teacher", None)
     assert not protocol.warm_start and base.warm_start
@@ -238,7 +240,7 @@ def test_a_row_stopped_mid_cycle_resumes_there(camvid_root, tmp_path, monkeypatc
     out = tmp_path / "run"
     argv = _argv(camvid_root, out, "--rows", "random-regions", "--iterations", "4,6")
     argv += ["--eval-every", "2", "--extra-eval", f"{camvid_root}:val"]
-    real_logger = simulate._progress_logger
+    real_logger = simulation._progress_logger
 
     def stop_in_cycle1(ctx, spec, cycle):
         log = real_logger(ctx, spec, cycle)
@@ -250,8 +252,8 @@ def test_a_row_stopped_mid_cycle_resumes_there(camvid_root, tmp_path, monkeypatc
 
         return progress
 
-    monkeypatch.setattr(simulate, "CHECKPOINT_EVERY_S", -1.0)  # save at every iteration
-    monkeypatch.setattr(simulate, "_progress_logger", stop_in_cycle1)
+    monkeypatch.setattr(simulation, "CHECKPOINT_EVERY_S", -1.0)  # save at every iteration
+    monkeypatch.setattr(simulation, "_progress_logger", stop_in_cycle1)
     with pytest.raises(KeyboardInterrupt):
         simulate.main(argv)
     partial = out / "state/random-regions/partial-cycle1.pt"
@@ -260,9 +262,9 @@ def test_a_row_stopped_mid_cycle_resumes_there(camvid_root, tmp_path, monkeypatc
     assert saved["train_state"]["iteration"] == 1
     acquired = saved["revealed"]["pixels"]
 
-    monkeypatch.setattr(simulate, "_progress_logger", real_logger)
+    monkeypatch.setattr(simulation, "_progress_logger", real_logger)
     logs = []
-    monkeypatch.setattr(simulate.Context, "log", lambda self, message: logs.append(message))
+    monkeypatch.setattr(simulation.Context, "log", lambda self, message: logs.append(message))
     assert simulate.main([*argv, "--resume"]) == 0
     assert any("resuming at iteration 1" in line for line in logs)
     assert not any("acquired" in line for line in logs)  # the acquisition was not redone

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.batches import labelled_pixel_weights
 from model.config import METHODS, TrainConfig
 from model.data import IGNORE_INDEX, Sample, load_folder, read_split
-from model.train import STEPS, Trainer, labelled_pixel_weights, main, train_cycle
+from model.methods import STEPS
+from model.train import Trainer, main, train_cycle
 
 NUM_CLASSES = 11
 
@@ -46,7 +48,7 @@ def test_config_round_trips_and_rejects_unknown_values():
 
 
 def test_every_method_has_a_registered_step():
-    assert set(STEPS) == set(METHODS)  # model.tsf registers tsf-plar and its ablations
+    assert set(STEPS) == set(METHODS)  # the registry holds tsf-plar and its ablations too
 
 
 @pytest.mark.slow

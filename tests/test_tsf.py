@@ -1,4 +1,5 @@
-"""model/tsf.py: Teacher-Student-Friend, the error-mask / PLAR targets, the training step."""
+"""model/methods/tsf.py (Teacher-Student-Friend, the error-mask / PLAR targets, the training
+step) and model/refinement.py (the same on whole images after a cycle, the audit)."""
 
 from dataclasses import replace
 
@@ -9,17 +10,12 @@ from torch import nn
 
 from model.config import METHODS, TrainConfig
 from model.data import IGNORE_INDEX, load_folder, read_classes, read_split
+from model.methods import STEPS
+from model.methods.tsf import VARIANTS, TsfStep, make_targets
 from model.plar import PseudoLabelRefiner
+from model.refinement import PoolRefinement, plar_audit, queued_maps
 from model.ssl import cross_pseudo_supervision_loss
-from model.train import STEPS, Trainer, train_cycle
-from model.tsf import (
-    VARIANTS,
-    PoolRefinement,
-    TsfStep,
-    make_targets,
-    plar_audit,
-    queued_maps,
-)
+from model.train import Trainer, train_cycle
 
 
 def test_cps_loss_is_symmetric_in_its_two_networks():

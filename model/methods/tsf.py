@@ -1,6 +1,6 @@
 """Teacher-Student-Friend with the Error Mask Decoder and PLAR (papers/tsf-plar.md Sec. 3).
 
-The training step `TsfStep` is S4AL's step (model.train.S4ALStep: ClassMix within the batch,
+The training step `TsfStep` is S4AL's step (model.methods.s4al.S4ALStep: ClassMix in the batch,
 Balanced ClassMix on replayed images, confidence weighting, eta) with three additions:
 
 - **Friend** (TSF, Sec. 3.1): a second DeepLabv3+ of the same architecture, initialised
@@ -36,36 +36,40 @@ same ones. They run in fp32 whatever the trainer's mixed precision.
 
 Manual labelling happens where this project already does it: the active-learning cycle's
 region acquisition. During training, queued pixels are counted (and ignored by the loss);
-after the cycle, `queued_maps` recomputes them on whole pool images (`PoolRefinement`) and
+after the cycle, `model.refinement.queued_maps` recomputes them on whole pool images and
 acquisition offers the blocks holding them first (`model.acquisition.prioritise`; in the
 simulator and the service alike).
 
 Per-iteration counters (`TsfStep.metrics`, in the training history): shares of unlabelled
 pixels in the error mask, corrected, changed by the correction and queued, and the EMD's
 loss, precision and recall on the labelled batch. Totals in pixels are kept in the step's
-state (`state["step"]["counters"]`). `plar_audit` replays the refinement on images whose
+state (`state["step"]["counters"]`). `model.refinement.plar_audit` replays it on images whose
 ground truth is known (the simulator's pool) and counts how many corrections were right.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from model import distributed
-from model import train as _train
 from model.config import TrainConfig
-from model.data import IGNORE_INDEX, Sample, normalize
-from model.mixing import apply_mix, classmix_masks
-from model.network import ASPP_CHANNELS, DECODER_CHANNELS, DeepLabV3Plus
+from model.data import IGNORE_INDEX
+from model.methods.base import Batch, Host, SupervisedStep, TrainStep
+from model.methods.base import Targets as MixTargets
+from model.methods.s4al import S4ALStep
+from model.network import (
+    ASPP_CHANNELS,
+    DECODER_CHANNELS,
+    DeepLabV3Plus,
+    resolve_backbone_weights,
+)
 from model.plar import ErrorMaskDecoder, PseudoLabelRefiner, emd_loss, error_mask
 from model.precision import to_channels_last
-from model.ssl import cross_pseudo_supervision_loss, eta, weighted_ce
+from model.ssl import cross_pseudo_supervision_loss, weighted_ce
 
 
 @dataclass(frozen=True)
@@ -121,17 +125,16 @@ def build_refiner(config: TrainConfig, num_classes: int) -> PseudoLabelRefiner:
         candidates=config.tsf_plar_candidates,
         queue_budget=config.tsf_plar_queue_budget,
         keep_uncorrected=config.tsf_plar_keep_uncorrected,
+        reduce=distributed.all_reduce_sum,  # pool statistics of the global batch
     )
 
 
 @dataclass
-class Targets:
-    """Pseudo-label targets for a batch of unlabelled views, all `N x H x W`."""
+class Targets(MixTargets):
+    """Pseudo-label targets for a batch of unlabelled views, all `N x H x W`: `label` the
+    refined pseudo-label (255 = not trained on), `weight` the teacher's confidence
+    (corrected pixels their own), `raw` and `confidence` as in the base class, and:"""
 
-    label: Tensor  # refined pseudo-label, 255 = not trained on
-    weight: Tensor  # per-pixel weight (teacher confidence; corrected pixels their own)
-    raw: Tensor  # the teacher's pseudo-label (partial labels applied), for eta and ClassMix
-    confidence: Tensor  # teacher confidence (1 on labelled pixels)
     unlabelled: Tensor  # bool: not labelled by a person
     error: Tensor  # bool: in the error mask
     corrected: Tensor  # bool: corrected by PLAR (its votes agree)
@@ -212,34 +215,35 @@ def refiner_stride(refiner: PseudoLabelRefiner | None) -> int:
     return refiner.grid_stride if refiner is not None else 4
 
 
-class FriendColdStart(_train.SupervisedStep):
+class FriendColdStart(SupervisedStep):
     """The cold start of a TSF cycle: student and friend both learn the labelled batch."""
 
-    def __init__(self, trainer, friend_train):
+    def __init__(self, trainer: Host, friend_train: torch.nn.Module):
         super().__init__(trainer)
         self.friend_train = friend_train
 
-    def losses(self, batch) -> dict[str, Tensor]:
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
         out = super().losses(batch)
         out["friend_supervised"] = weighted_ce(self.friend_train(batch.images), batch.masks)
         return out
 
 
-class TsfStep(_train.S4ALStep):
-    """One TSF (+ EMD, + PLAR) iteration; which parts run is `VARIANTS[config.method]`."""
+class TsfStep(S4ALStep):
+    """One TSF (+ EMD, + PLAR) iteration; which parts run is `VARIANTS[config.method]`.
+    S4AL's iteration (`model.methods.base.MixingStep.losses`) with refined targets
+    (`targets`) and the friend's losses (`extra_losses`)."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer: Host):
         super().__init__(trainer)
         config, num_classes = trainer.config, trainer.num_classes
         self.variant = VARIANTS[config.method]
         # separately initialised: same backbone weights, a head of its own (the trainer
         # seeded torch before building the student, so these draws differ from its)
-        weights = _train.resolve_backbone_weights(config.backbone_weights)
+        weights = resolve_backbone_weights(config.backbone_weights)
         self.friend = DeepLabV3Plus(num_classes, weights).to(trainer.device).train()
         to_channels_last(self.friend, config.channels_last)
         trainer.optimizer.add_param_group({"params": list(self.friend.parameters())})
         self.friend_train = trainer.distribute(self.friend)  # DDP / compiled, as the student
-        trainer.cold_start_step = FriendColdStart(trainer, self.friend_train)
         self.emd = build_emd(config, num_classes).to(trainer.device) if self.variant.emd else None
         self.refiner = (
             build_refiner(config, num_classes).to(trainer.device) if self.variant.plar else None
@@ -253,18 +257,16 @@ class TsfStep(_train.S4ALStep):
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.last: dict[str, float] = {}
 
+    def cold_start(self) -> TrainStep:
+        return FriendColdStart(self.trainer, self.friend_train)
+
     # -- the step --
 
-    def losses(self, batch) -> dict[str, Tensor]:
-        trainer, config = self.trainer, self.trainer.config
-        u = batch.unlabelled
-        replayed = self.replayed_views(len(u.weak))
-        self.replay.add(u.index.tolist())
-        views = [u] if replayed is None else [u, replayed]
-        weak = torch.cat([v.weak for v in views])
-        partial = torch.cat([v.mask for v in views])
+    def targets(self, batch: Batch, weak: Tensor, partial: Tensor, valid: Tensor) -> Targets:
+        """The teacher's pseudo-labels through the error mask and PLAR; trains the EMD and
+        PLAR's statistics on the labelled batch first (`train_aux`)."""
+        trainer = self.trainer
         n_u = len(weak)
-
         with torch.no_grad():
             if self.variant.uses_features:
                 out = trainer.teacher.model(torch.cat([weak, batch.images]), return_features=True)
@@ -279,7 +281,7 @@ class TsfStep(_train.S4ALStep):
             emd_logits = self.train_aux(probs_all, aspp, decoder, batch.masks, n_u)
             targets = make_targets(
                 self.variant,
-                config,
+                trainer.config,
                 probs_all[:n_u],
                 None if aspp is None else aspp[:n_u],
                 None if decoder is None else decoder[:n_u],
@@ -288,46 +290,30 @@ class TsfStep(_train.S4ALStep):
                 self.refiner,
                 emd_logits,
             )
-        targets = targets.outside(~torch.cat([v.valid for v in views]))
+        targets = targets.outside(~valid)
         self.count(targets.counts())
+        return targets
 
-        n = len(u.weak)
-        fields = (targets.label, targets.weight, targets.raw, targets.confidence)
-        current = (u.strong, *(f[:n] for f in fields))
-        mixed = self.mix(current)
-        inputs = [batch.images, mixed[0]]
-        if replayed is not None:
-            replay = (replayed.strong, *(f[n:] for f in fields))
-            balanced_mask = classmix_masks(replay[3], trainer.class_sampler)
-            balanced = apply_mix(balanced_mask, replay, current)
-            inputs.append(balanced[0])
-        student = trainer.student_forward(*inputs)
+    def extra_losses(
+        self, batch: Batch, inputs: list[Tensor], logits: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        """The friend learns the labelled batch, and the mixed views with the student by
+        cross pseudo supervision both ways (Eq. 3)."""
         friend = self.friend_train(torch.cat(inputs)).split([len(x) for x in inputs])
-
-        losses = {
-            "supervised": weighted_ce(student[0], batch.masks),
-            "unsupervised": self.unsupervised(student[1], mixed),
+        cps = cross_pseudo_supervision_loss(torch.cat(logits[1:]), torch.cat(friend[1:]))
+        return {
             "friend_supervised": weighted_ce(friend[0], batch.masks),
-            "cps": config.tsf_cps_weight
-            * cross_pseudo_supervision_loss(torch.cat(student[1:]), torch.cat(friend[1:])),
+            "cps": self.trainer.config.tsf_cps_weight * cps,
         }
-        if replayed is not None:
-            losses["replay"] = self.unsupervised(student[2], balanced)
-        return losses
 
-    def mix(self, views: Sequence[Tensor]) -> list[Tensor]:
-        """ClassMix within the batch (image i's classes onto image i+1), the mask drawn
-        from the teacher's raw pseudo-label so pasted objects stay whole."""
-        neighbours = [view.roll(-1, dims=0) for view in views]
-        return apply_mix(classmix_masks(views[3], self.classmix), views, neighbours)
-
-    def unsupervised(self, logits: Tensor, views: Sequence[Tensor]) -> Tensor:
-        """Eq. 5 x eta on the refined targets; eta from the raw pseudo-label, as in s4al."""
-        _, label, weight, raw, confidence = views
-        image_weight = eta(confidence, raw, self.trainer.config.confidence_threshold)
-        return weighted_ce(logits, label, weight, image_weight)
-
-    def train_aux(self, probs, aspp, decoder, masks, n_u) -> Tensor | None:
+    def train_aux(
+        self,
+        probs: Tensor,
+        aspp: Tensor | None,
+        decoder: Tensor | None,
+        masks: Tensor,
+        n_u: int,
+    ) -> Tensor | None:
         """One Adam step of the EMD (BCE on the labelled batch) and of PLAR's trade-off
         module (after adding the labelled batch to the pool statistics). Returns the EMD's
         logits for the unlabelled views (from the same forward pass), or None."""
@@ -416,182 +402,3 @@ class TsfStep(_train.S4ALStep):
         if self.aux_optimizer is not None and state.get("aux_optimizer") is not None:
             self.aux_optimizer.load_state_dict(state["aux_optimizer"])
         self.totals.update(state.get("counters", {}))
-
-
-def register(steps: dict) -> None:
-    for name in VARIANTS:
-        steps[name] = TsfStep
-
-
-register(_train.STEPS)
-# `python -m model.train` runs train.py as __main__, a second copy of the module whose own
-# STEPS the CLI reads: register there too.
-_main = sys.modules.get("__main__")
-if getattr(getattr(_main, "__spec__", None), "name", None) == "model.train":
-    register(_main.STEPS)
-
-
-# --------------------------------------------------------------------------- whole images
-
-
-class PoolRefinement:
-    """A finished tsf cycle's teacher, EMD and PLAR applied to whole images, as in training
-    (with the cycle's final statistics): the audit's view of PLAR, and the source of the
-    queued pixels that region acquisition labels first.
-
-    `state` is `TrainResult.state`; `queue_budget` overrides PLAR's per-image budget
-    ("config": the cycle's own; None: every disagreement is queued).
-    """
-
-    def __init__(
-        self,
-        state: dict,
-        device: str | torch.device = "cpu",
-        queue_budget: float | None | str = "config",
-    ):
-        self.config = TrainConfig.from_dict(state["config"])
-        self.variant = VARIANTS.get(self.config.method)
-        if self.variant is None:
-            raise ValueError(f"PoolRefinement needs a tsf method, not {self.config.method!r}")
-        self.device = torch.device(device)
-        num_classes = state["num_classes"]
-        self.teacher = DeepLabV3Plus(num_classes, None)
-        self.teacher.load_state_dict(state["teacher"]["model"])
-        self.teacher.to(self.device).eval()
-        step = state.get("step") or {}
-        self.emd = self.refiner = None
-        if self.variant.emd:
-            self.emd = build_emd(self.config, num_classes)
-            self.emd.load_state_dict(step["emd"])
-            self.emd.to(self.device).eval()
-        if self.variant.plar:
-            self.refiner = build_refiner(self.config, num_classes)
-            self.refiner.load_state_dict(step["refiner"])
-            self.refiner.to(self.device).eval()
-            if queue_budget != "config":
-                self.refiner.queue_budget = queue_budget
-
-    @torch.no_grad()
-    def __call__(self, image: np.ndarray, partial: np.ndarray | None = None) -> Targets:
-        """Targets of one `H x W x 3` uint8 image; `partial`: its labels, 255 = unlabelled."""
-        x = normalize(image)[None].to(self.device)
-        if partial is None:
-            partial = np.full(image.shape[:2], IGNORE_INDEX)
-        mask = torch.as_tensor(partial, dtype=torch.long, device=self.device)[None]
-        out = self.teacher(x, return_features=True)
-        probs = out.logits.float().softmax(1)
-        return make_targets(
-            self.variant, self.config, probs, out.aspp, out.decoder, mask, self.emd, self.refiner
-        )
-
-
-def queue_refinement(
-    state: dict | None, device: str | torch.device = "cpu"
-) -> PoolRefinement | None:
-    """`PoolRefinement` of a finished cycle whose method queues pixels for manual labelling;
-    None for any other state (no state, s4al, tsf alone: it masks no errors)."""
-    variant = VARIANTS.get(((state or {}).get("config") or {}).get("method"))
-    if variant is None or not variant.masks_errors:
-        return None
-    return PoolRefinement(state, device)
-
-
-def queued_maps(
-    state: dict | None, samples: Sequence[Sample], device: str | torch.device = "cpu"
-) -> list[np.ndarray] | None:
-    """Per sample, the `H x W` bool pixels a finished tsf cycle queues for manual labelling
-    (PLAR's disagreements within its budget; the whole error mask without PLAR); None for
-    a state that queues nothing (`queue_refinement`). Samples carry their partial masks."""
-    refinement = queue_refinement(state, device)
-    if refinement is None:
-        return None
-    return [refinement(s.image, s.mask).queued[0].cpu().numpy() for s in samples]
-
-
-# --------------------------------------------------------------------------- audit
-
-
-def plar_audit(
-    state: dict,
-    samples: Sequence[Sample],
-    truth: Sequence[np.ndarray],
-    device: str | torch.device = "cpu",
-    limit: int | None = None,
-) -> dict:
-    """How the error mask and PLAR of a finished tsf cycle treat images whose ground truth
-    is known (the simulator's pool): `PoolRefinement` of each whole image, every decision
-    checked against `truth` (`H x W` masks, 255 = void, not counted).
-
-    `samples` carry their partial masks (labelled pixels are not pseudo-labelled and not
-    counted); PLAR's budget is lifted to show every disagreement. Returns pixel counts and
-    rates: `error` (flagged), `error_precision` / `error_recall` (flagged pixels whose
-    pseudo-label is wrong / wrong pseudo-labels flagged), `corrected`, `corrected_right`,
-    `corrected_pl_right` (the old pseudo-label was right there), `changed`,
-    `changed_right`, `queued`, `queued_pl_wrong`, `pl_accuracy` before and
-    `target_accuracy` after refinement (over trained pixels).
-    `limit`: audit at most this many images, evenly spaced.
-    """
-    if len(samples) != len(truth):
-        raise ValueError(f"{len(samples)} samples but {len(truth)} truth masks")
-    if limit is not None and len(samples) > limit:
-        keep = np.linspace(0, len(samples) - 1, limit).round().astype(int)
-        samples, truth = [samples[i] for i in keep], [truth[i] for i in keep]
-    refinement = PoolRefinement(state, device, queue_budget=None)
-    keys = (
-        "pixels",
-        "pl_right",
-        "wrong",
-        "error",
-        "error_wrong",
-        "corrected",
-        "corrected_right",
-        "corrected_pl_right",
-        "changed",
-        "changed_right",
-        "queued",
-        "queued_pl_wrong",
-        "trained",
-        "trained_right",
-    )
-    c = dict.fromkeys(keys, 0)
-    for sample, gt in zip(samples, truth, strict=True):
-        t = refinement(sample.image, sample.mask)
-        gt = torch.as_tensor(gt, dtype=torch.long, device=refinement.device)[None]
-        known = (gt != IGNORE_INDEX) & t.unlabelled
-        pl_right = t.raw == gt
-        right = t.label == gt
-        trained = known & (t.label != IGNORE_INDEX)
-        maps = {
-            "pixels": known,
-            "pl_right": known & pl_right,
-            "wrong": known & ~pl_right,
-            "error": known & t.error,
-            "error_wrong": known & t.error & ~pl_right,
-            "corrected": known & t.corrected,
-            "corrected_right": known & t.corrected & right,
-            "corrected_pl_right": known & t.corrected & pl_right,
-            "changed": known & t.changed,
-            "changed_right": known & t.changed & right,
-            "queued": known & t.queued,
-            "queued_pl_wrong": known & t.queued & ~pl_right,
-            "trained": trained,
-            "trained_right": trained & right,
-        }
-        for key, m in maps.items():
-            c[key] += int(m.sum())
-
-    def rate(a: str, b: str) -> float | None:
-        return c[a] / c[b] if c[b] else None
-
-    return {
-        "method": refinement.config.method,
-        "images": len(samples),
-        **c,
-        "pl_accuracy": rate("pl_right", "pixels"),
-        "error_precision": rate("error_wrong", "error"),
-        "error_recall": rate("error_wrong", "wrong"),
-        "corrected_accuracy": rate("corrected_right", "corrected"),
-        "corrected_pl_accuracy": rate("corrected_pl_right", "corrected"),
-        "changed_accuracy": rate("changed_right", "changed"),
-        "target_accuracy": rate("trained_right", "trained"),
-    }

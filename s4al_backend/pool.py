@@ -1,0 +1,62 @@
+"""A project's image tasks as a cycle sees them (`PoolItem`), and the rules every step
+reads them by: which annotation counts, which task is a region task and its id, which
+tasks are held out."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .labels import IGNORE_INDEX
+
+
+@dataclass
+class PoolItem:
+    """One image task of the project and what the cycle knows about it."""
+
+    task: dict
+    url: str
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None  # merged labels, 255 = unlabelled
+    full: bool = False  # has a usable whole-image annotation
+    holdout: bool = False
+    regions: list[dict] = field(default_factory=list)  # region tasks on this image
+    fingerprint: list = field(default_factory=list)
+
+    @property
+    def id(self) -> int:
+        return int(self.task["id"])
+
+    @property
+    def labelled(self) -> bool:
+        return self.mask is not None and bool((self.mask != IGNORE_INDEX).any())
+
+
+def region_id(source_task: int, x: int, y: int, w: int, h: int) -> str:
+    return f"t{int(source_task)}-x{int(x)}-y{int(y)}-w{int(w)}-h{int(h)}"
+
+
+def is_region_task(task: dict) -> bool:
+    data = task.get("data") or {}
+    return "region_id" in data and "source_task" in data
+
+
+def holdout_score(project: int, task_id: int) -> float:
+    """A stable number in [0, 1) per task: held out when below HOLDOUT_FRACTION."""
+    digest = hashlib.sha256(f"{project}:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def pick_annotation(task: dict) -> dict | None:
+    """The annotation that counts: not cancelled, with results; ground truth first, then
+    the most recently updated."""
+    candidates = [
+        a for a in task.get("annotations") or []
+        if isinstance(a, dict) and not a.get("was_cancelled") and a.get("result")
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda a: (bool(a.get("ground_truth")),
+                                          str(a.get("updated_at") or ""), int(a.get("id") or 0)))

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import cv2
 import numpy as np
@@ -34,6 +34,7 @@ import requests
 from PIL import Image
 
 from .settings import Settings
+from .urls import Origin, UnsafeURL, origin_of, parse_host_port
 
 __all__ = [
     "ImageCache",
@@ -269,8 +270,8 @@ class ImageFetcher:
         self.cache = ImageCache(settings.image_cache_dir, settings.image_cache_bytes)
         self._session_factory = session_factory
         self._local = threading.local()
-        self._ls_host = settings.label_studio_host
-        self._allowed = {self._ls_host, *settings.allowed_image_hosts}
+        self._ls = origin_of(settings.label_studio_url)
+        self._allowed = [parse_host_port(h) for h in settings.allowed_image_hosts]
 
     # --------------------------------------------------------------- URLs
     def _session(self) -> requests.Session:
@@ -290,7 +291,8 @@ class ImageFetcher:
             if task_id is None:
                 raise ImageRefused(f"a {scheme}:// image needs the task id to be presigned")
             fileuri = base64.urlsafe_b64encode(url.encode()).decode()
-            return f"{self.settings.label_studio_url}/tasks/{task_id}/presign/?fileuri={fileuri}"
+            task = quote(str(task_id), safe="")
+            return f"{self.settings.label_studio_url}/tasks/{task}/presign/?fileuri={fileuri}"
         if scheme in ("http", "https"):
             return url
         if scheme == "" and url.startswith("/") and not url.startswith("//"):
@@ -301,30 +303,43 @@ class ImageFetcher:
         )
 
     def is_allowed(self, url: str) -> bool:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            self._checked(url)
+        except ImageRefused:
             return False
-        netloc = parts.netloc.lower().rsplit("@", 1)[-1]
-        host = parts.hostname.lower()
-        return netloc in self._allowed or host in self._allowed
+        return True
 
-    def _is_label_studio(self, url: str) -> bool:
-        return urlsplit(url).netloc.lower().rsplit("@", 1)[-1] == self._ls_host
+    def _checked(self, url: str) -> Origin:
+        """The origin ``url`` reaches, if this backend may fetch it; else ImageRefused.
+        Label Studio's origin is scheme + host + port; an ALLOWED_IMAGE_HOSTS entry
+        without a port allows the scheme's default port only."""
+        try:
+            origin = origin_of(url)
+        except UnsafeURL as exc:
+            raise ImageRefused(f"image URL {_short(url)!r} refused: {exc}") from None
+        if origin[:3] == self._ls[:3] and origin.userinfo in (None, self._ls.userinfo):
+            return origin
+        if origin.userinfo is None and any(h.matches(origin) for h in self._allowed):
+            return origin
+        raise ImageRefused(
+            f"image host {origin.netloc!r} is neither Label Studio's ({self._ls.netloc}) "
+            "nor in ALLOWED_IMAGE_HOSTS (user:password@ in a URL counts as another host): "
+            "not fetched"
+        )
+
+    def _is_label_studio(self, origin: Origin) -> bool:
+        return origin[:3] == self._ls[:3]
 
     # --------------------------------------------------------------- fetching
     def fetch_bytes(self, url: str, task_id=None) -> bytes:
         """The image's bytes, from the cache or its host."""
         absolute = self.resolve(url, task_id)
-        if not self.is_allowed(absolute):
-            raise ImageRefused(
-                f"image host {urlsplit(absolute).netloc!r} is neither Label Studio's "
-                f"({self._ls_host}) nor in ALLOWED_IMAGE_HOSTS: not fetched"
-            )
+        origin = self._checked(absolute)
         key = url if urlsplit(url).scheme in CLOUD_SCHEMES else absolute
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        data = self._download(absolute)
+        data = self._download(origin)
         self.cache.put(key, data)
         return data
 
@@ -332,11 +347,14 @@ class ImageFetcher:
         """The task image as uint8 H x W x 3 RGB."""
         return decode_image(self.fetch_bytes(url, task_id), self.settings.max_image_pixels)
 
-    def _download(self, url: str) -> bytes:
+    def _download(self, origin: Origin) -> bytes:
+        """GET the checked URL, following redirects by hand: every hop is checked like the
+        first, and credentials go only to a hop on Label Studio's origin."""
         session = self._session()
         limit = self.settings.max_image_bytes
         for _hop in range(MAX_REDIRECTS + 1):
-            headers = self.auth.header() if self._is_label_studio(url) else {}
+            url = origin.url
+            headers = self.auth.header() if self._is_label_studio(origin) else {}
             started = time.perf_counter()
             try:
                 response = session.get(
@@ -353,16 +371,14 @@ class ImageFetcher:
             with response:
                 if response.is_redirect:
                     target = urljoin(url, response.headers.get("Location", ""))
-                    if not self.is_allowed(target):
-                        raise ImageRefused(
-                            f"{_short(url)} redirects to {urlsplit(target).netloc!r}, which "
-                            "is not an allowed image host (ALLOWED_IMAGE_HOSTS)"
-                        )
-                    url = target
+                    try:
+                        origin = self._checked(target)
+                    except ImageRefused as exc:
+                        raise ImageRefused(f"{_short(url)} redirects elsewhere: {exc}") from None
                     continue
                 if response.status_code != 200:
                     hint = ""
-                    if response.status_code in (401, 403) and self._is_label_studio(url):
+                    if response.status_code in (401, 403) and self._is_label_studio(origin):
                         hint = " (check LABEL_STUDIO_API_KEY; legacy tokens need " \
                                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN on the server)"
                     raise ImageDownloadError(

@@ -530,3 +530,15 @@ def test_bad_setting_stops_the_start_naming_the_variable(tmp_path):
 def test_untouched_torch_threads():
     # the service never changes torch's threads unless TORCH_THREADS says so
     assert torch.get_num_threads() == 1
+
+
+def test_predict_never_sends_the_key_to_a_host_hidden_behind_a_backslash(client, server,
+                                                                          settings):
+    save_model(settings)
+    with FileServer() as foreign:
+        tasks = [{"id": 7, "data": {"image": f"http://{foreign.host}\\@{server.host}"
+                                              "/data/upload/1/x.png"}}]
+        reply = predict(client, tasks)
+        assert foreign.requests == []
+    assert reply.status_code == 200
+    assert "ambiguously" in reply.get_json()["results"][0]["error"]

@@ -400,3 +400,19 @@ def test_tsf_plar_cycle_acquires_queued_pixels_first(studio, tmp_path):
         shares.append(share)
     everywhere = np.mean([q.mean() for q in queued.values()])
     assert max(shares) > 0 and np.mean(shares) > everywhere
+
+
+def test_cycle_never_sends_the_key_to_a_host_hidden_in_task_data(studio, tmp_path):
+    from tests.service_helpers import FileServer
+
+    project, ids, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED[:2])
+    host = studio.url.split("://", 1)[1]
+    with FileServer() as foreign:
+        url = f"http://{foreign.host}\\@{host}" + studio.tasks[ids[NAMES[0]]]["data"]["image"]
+        task = studio.add_task(project, {"image": url})
+        cycle = Cycle(Settings.from_env(env_for(studio, tmp_path)), project)
+        pool, _ = cycle.split(cycle.studio.tasks(project), LabelMap.from_config(
+            studio.projects[project]["label_config"]))
+        cycle.load_images(pool)
+        assert foreign.requests == []
+    assert any(s["task"] == task and "ambiguously" in s["reason"] for s in cycle.skipped)

@@ -29,11 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import store as store_module
-from .images import ImageError, ImageFetcher
+from .images import ImageError, ImageFetcher, decode_image
 from .labels import ClassMapping, LabelConfigError, LabelMap, mask_to_results
+from .prediction import NetworkInput, batches, fit_pixels, scale_to
 from .settings import Settings
 
 __all__ = [
@@ -152,7 +151,7 @@ class Runtime:
         self.forward_lock = threading.Lock()  # one forward at a time: no thread thrash
         self._configs: dict[str, str] = {}
         self._setup_token: str | None = None
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s4al-fetch")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s4al-fetch")
         self._warned: set[tuple] = set()
         if settings.torch_threads:
             import torch
@@ -374,44 +373,57 @@ class S4ALBackend(_Base):
         lookup = None if mapping.identity else mapping.lookup()
         outputs: list[dict | None] = [None] * len(tasks)
         errors: dict[int, str] = {}
-        timing = {"download_s": 0.0, "decode_s": 0.0, "wait_s": 0.0}
-        order: deque[int] = deque()
-        images = self._images(tasks, label_map, errors, timing, order)
-        from model.inference import predict_probabilities
-
-        forward_total = post_total = 0.0
-        with self.runtime.forward_lock:
-            stream = predict_probabilities(
-                loaded.model, images, batch_size=self.runtime.settings.predict_batch_size,
-                device=loaded.device, amp=loaded.device.startswith("cuda"),
-            )
-            while True:
+        timing = dict.fromkeys(("download_s", "decode_s", "forward_s", "postprocess_s"), 0.0)
+        settings = self.runtime.settings
+        inputs = self._images(tasks, label_map, errors, timing)
+        # the network runs under the forward lock one batch at a time; downloads and
+        # post-processing happen outside it, so a slow image never holds up other requests
+        for batch in batches(inputs, settings.predict_batch_size, settings.max_predict_pixels):
+            for item, probs in zip(batch, self._forward(loaded, batch, errors, timing),
+                                   strict=True):
+                if probs is None:
+                    continue
                 t0 = time.perf_counter()
                 try:
-                    probs = next(stream)
-                except StopIteration:
-                    forward_total += time.perf_counter() - t0
-                    break
-                forward_total += time.perf_counter() - t0
-                t1 = time.perf_counter()
-                index = order.popleft()
-                try:
-                    outputs[index] = self._to_prediction(probs, label_map, lookup, version)
+                    outputs[item.index] = self._to_prediction(probs, item.size, label_map,
+                                                              lookup, version)
                 except Exception as exc:  # a bug for one task must not lose the batch
-                    logger.exception("task %s: post-processing failed", tasks[index].get("id"))
-                    errors[index] = f"post-processing failed: {type(exc).__name__}"
-                post_total += time.perf_counter() - t1
+                    logger.exception("task %s: post-processing failed",
+                                     tasks[item.index].get("id"))
+                    errors[item.index] = f"post-processing failed: {type(exc).__name__}"
+                timing["postprocess_s"] += time.perf_counter() - t0
         for index, message in errors.items():
             outputs[index] = {**_empty(version), "error": message}
-        stats.add(
-            task_errors=len(errors),
-            download_s=timing["download_s"],
-            decode_s=timing["decode_s"],
-            forward_s=max(0.0, forward_total - timing["wait_s"]),
-            postprocess_s=post_total,
-            wall_s=time.perf_counter() - started,
-        )
+        stats.add(task_errors=len(errors), wall_s=time.perf_counter() - started, **timing)
         return [o if o is not None else _empty(version) for o in outputs]
+
+    def _forward(self, loaded: LoadedModel, batch: list[NetworkInput], errors: dict,
+                 timing: dict) -> list:
+        """Probabilities per input (None where the network failed on it, with the error in
+        ``errors``). A failed batch is retried image by image: one image fails alone."""
+        from model.inference import predict_probabilities
+
+        try:
+            with self.runtime.forward_lock:
+                t0 = time.perf_counter()
+                out = list(predict_probabilities(
+                    loaded.model, [item.image for item in batch], batch_size=len(batch),
+                    device=loaded.device, amp=loaded.device.startswith("cuda"),
+                ))
+                timing["forward_s"] += time.perf_counter() - t0
+                return out
+        except (RuntimeError, MemoryError) as exc:  # out of memory, mostly
+            if len(batch) > 1:
+                return [self._forward(loaded, [item], errors, timing)[0] for item in batch]
+            item = batch[0]
+            height, width = item.image.shape[:2]
+            logger.error("task %s: the network failed on a %dx%d input: %s", item.task_id,
+                         width, height, exc)
+            errors[item.index] = (
+                f"the model could not run on this image ({width}x{height} px at the network: "
+                f"{type(exc).__name__}); lower MAX_PREDICT_PIXELS or PREDICT_BATCH_SIZE"
+            )
+            return [None]
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
         """Webhook events: counted / queued by s4al_backend.jobs (RQ on Redis, or the
@@ -466,16 +478,17 @@ class S4ALBackend(_Base):
 
     # ------------------------------------------------------------ internals
     def _load_image(self, task: dict, label_map: LabelMap):
+        """The task image, decoded and scaled to MAX_PREDICT_PIXELS (in a pool thread)."""
         url = label_map.image_url(task)
         t0 = time.perf_counter()
         data = self.runtime.fetcher.fetch_bytes(url, task.get("id"))
         t1 = time.perf_counter()
-        from .images import decode_image
+        settings = self.runtime.settings
+        image = decode_image(data, settings.max_image_pixels)
+        scaled = fit_pixels(image, settings.max_predict_pixels)
+        return scaled, image.shape[:2], t1 - t0, time.perf_counter() - t1
 
-        image = decode_image(data, self.runtime.settings.max_image_pixels)
-        return image, t1 - t0, time.perf_counter() - t1
-
-    def _images(self, tasks, label_map, errors, timing, order) -> Iterator[np.ndarray]:
+    def _images(self, tasks, label_map, errors, timing) -> Iterator[NetworkInput]:
         """Task images in order, fetched and decoded a few ahead in threads; failures go to
         ``errors`` (logged with the task id) and are skipped."""
         window = max(2, 2 * self.runtime.settings.predict_batch_size)
@@ -493,9 +506,8 @@ class S4ALBackend(_Base):
         while pending:
             index, future = pending.popleft()
             submit_next()
-            t0 = time.perf_counter()
             try:
-                image, download, decode = future.result()
+                image, size, download, decode = future.result()
             except (ImageError, KeyError) as exc:
                 message = str(exc).strip("'\"")
                 logger.error("task %s: %s", tasks[index].get("id"), message)
@@ -505,22 +517,22 @@ class S4ALBackend(_Base):
                 logger.exception("task %s: image failed", tasks[index].get("id"))
                 errors[index] = f"image failed: {type(exc).__name__}"
                 continue
-            finally:
-                timing["wait_s"] += time.perf_counter() - t0
             timing["download_s"] += download
             timing["decode_s"] += decode
-            order.append(index)
-            yield image
+            yield NetworkInput(index, tasks[index].get("id"), image, size)
 
     @staticmethod
-    def _to_prediction(probs, label_map: LabelMap, lookup, version: str) -> dict:
+    def _to_prediction(probs, size: tuple[int, int], label_map: LabelMap, lookup,
+                       version: str) -> dict:
         confidence, classes = probs.max(dim=0)
         confidence = confidence.numpy()
         classes = classes.numpy()
         if lookup is not None:
             classes = lookup[classes]
+        # the network may have seen the image scaled down: the masks are at its own size
         return {
-            "result": mask_to_results(classes, label_map, confidence),
+            "result": mask_to_results(scale_to(classes, size), label_map,
+                                      scale_to(confidence, size)),
             "score": round(float(confidence.mean()), 4),
             "model_version": version,
         }

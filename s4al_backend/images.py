@@ -31,6 +31,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import cv2
 import numpy as np
 import requests
+import urllib3
 from PIL import Image
 
 from .settings import Settings
@@ -349,26 +350,13 @@ class ImageFetcher:
 
     def _download(self, origin: Origin) -> bytes:
         """GET the checked URL, following redirects by hand: every hop is checked like the
-        first, and credentials go only to a hop on Label Studio's origin."""
-        session = self._session()
-        limit = self.settings.max_image_bytes
+        first, and credentials go only to a hop on Label Studio's origin. The whole
+        download (every hop, the body) has IMAGE_TIMEOUT seconds."""
+        deadline = _Deadline(self.settings.image_timeout)
         for _hop in range(MAX_REDIRECTS + 1):
             url = origin.url
-            headers = self.auth.header() if self._is_label_studio(origin) else {}
             started = time.perf_counter()
-            try:
-                response = session.get(
-                    url,
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                )
-            except requests.RequestException as exc:
-                raise ImageDownloadError(
-                    f"cannot reach {_short(url)}: {type(exc).__name__}"
-                ) from None
-            with response:
+            with self._get(origin, deadline) as response:
                 if response.is_redirect:
                     target = urljoin(url, response.headers.get("Location", ""))
                     try:
@@ -376,35 +364,94 @@ class ImageFetcher:
                     except ImageRefused as exc:
                         raise ImageRefused(f"{_short(url)} redirects elsewhere: {exc}") from None
                     continue
-                if response.status_code != 200:
-                    hint = ""
-                    if response.status_code in (401, 403) and self._is_label_studio(origin):
-                        hint = " (check LABEL_STUDIO_API_KEY; legacy tokens need " \
-                               "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN on the server)"
-                    raise ImageDownloadError(
-                        f"{_short(url)} answered HTTP {response.status_code}{hint}",
-                        http_status=response.status_code,
-                    )
-                length = response.headers.get("Content-Length")
-                if length and length.isdigit() and int(length) > limit:
-                    raise ImageTooLarge(
-                        f"image is {int(length)} bytes, over MAX_IMAGE_BYTES ({limit})"
-                    )
-                chunks, total = [], 0
-                try:
-                    for chunk in response.iter_content(_CHUNK):
-                        total += len(chunk)
-                        if total > limit:
-                            raise ImageTooLarge(f"image is over MAX_IMAGE_BYTES ({limit} bytes)")
-                        chunks.append(chunk)
-                except requests.RequestException as exc:
-                    raise ImageDownloadError(
-                        f"download of {_short(url)} broke off: {type(exc).__name__}"
-                    ) from None
-                logger.debug("fetched %s (%d bytes, %.3f s)", _short(url), total,
-                             time.perf_counter() - started)
-                return b"".join(chunks)
+                self._check_response(response, origin)
+                data = _read_body(response, url, self.settings.max_image_bytes, deadline)
+            logger.debug("fetched %s (%d bytes, %.3f s)", _short(url), len(data),
+                         time.perf_counter() - started)
+            return data
         raise ImageDownloadError(f"more than {MAX_REDIRECTS} redirects from {_short(url)}")
+
+    def _get(self, origin: Origin, deadline: _Deadline) -> requests.Response:
+        headers = self.auth.header() if self._is_label_studio(origin) else {}
+        remaining = deadline.remaining(origin.url)
+        try:
+            return self._session().get(
+                origin.url,
+                headers=headers,
+                stream=True,
+                allow_redirects=False,
+                timeout=(min(CONNECT_TIMEOUT, remaining), min(READ_TIMEOUT, remaining)),
+            )
+        except requests.RequestException as exc:
+            deadline.remaining(origin.url)  # a timeout past the deadline says so
+            raise ImageDownloadError(
+                f"cannot reach {_short(origin.url)}: {type(exc).__name__}"
+            ) from None
+
+    def _check_response(self, response: requests.Response, origin: Origin) -> None:
+        if response.status_code != 200:
+            hint = ""
+            if response.status_code in (401, 403) and self._is_label_studio(origin):
+                hint = " (check LABEL_STUDIO_API_KEY; legacy tokens need " \
+                       "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN on the server)"
+            raise ImageDownloadError(
+                f"{_short(origin.url)} answered HTTP {response.status_code}{hint}",
+                http_status=response.status_code,
+            )
+        limit = self.settings.max_image_bytes
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > limit:
+            raise ImageTooLarge(f"image is {int(length)} bytes, over MAX_IMAGE_BYTES ({limit})")
+
+
+class _Deadline:
+    """One download's time budget (IMAGE_TIMEOUT), across hops and body reads."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self, url: str) -> float:
+        """Seconds left; ImageDownloadError (504) once none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise ImageDownloadError(
+                f"download of {_short(url)} took longer than IMAGE_TIMEOUT "
+                f"({self.seconds} s): the image host is too slow; raise IMAGE_TIMEOUT if "
+                "it is expected",
+                http_status=504,
+            )
+        return left
+
+
+def _read_body(response: requests.Response, url: str, limit: int, deadline: _Deadline) -> bytes:
+    """The body, at most ``limit`` bytes, within the deadline. ``read1`` returns whatever
+    one socket read brings, so a body trickled a byte at a time still meets the deadline
+    (a plain ``read(n)`` waits for all ``n`` bytes); the socket's timeout shrinks to the
+    time left before each read."""
+    chunks, total = [], 0
+    raw = response.raw
+    while True:
+        _set_socket_timeout(raw, deadline.remaining(url))
+        try:
+            chunk = raw.read1(_CHUNK, decode_content=True)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            deadline.remaining(url)
+            raise ImageDownloadError(
+                f"download of {_short(url)} broke off: {type(exc).__name__}"
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise ImageTooLarge(f"image is over MAX_IMAGE_BYTES ({limit} bytes)")
+        chunks.append(chunk)
+
+
+def _set_socket_timeout(raw, seconds: float) -> None:
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def _short(url: str, limit: int = 120) -> str:

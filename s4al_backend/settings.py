@@ -61,6 +61,8 @@ class Settings:
     predict_batch_size: int = 4
     max_image_bytes: int = 30 * _MIB
     max_image_pixels: int = 40_000_000
+    max_predict_pixels: int = 2_500_000
+    image_timeout: int = 30
     image_cache_dir: Path | None = None  # None: MODEL_DIR/image_cache
     image_cache_mb: int = 1024
     backbone_weights: str = "auto"
@@ -107,6 +109,8 @@ class Settings:
             "predict_batch_size": read.integer("PREDICT_BATCH_SIZE", 4, minimum=1),
             "max_image_bytes": read.size("MAX_IMAGE_BYTES", 30 * _MIB),
             "max_image_pixels": read.count("MAX_IMAGE_PIXELS", 40_000_000),
+            "max_predict_pixels": read.count("MAX_PREDICT_PIXELS", 2_500_000),
+            "image_timeout": read.integer("IMAGE_TIMEOUT", 30, minimum=1),
             "image_cache_dir": read.path("IMAGE_CACHE_DIR", model_dir / "image_cache"),
             "image_cache_mb": read.integer("IMAGE_CACHE_MB", 1024, minimum=0),
             "backbone_weights": read.backbone("BACKBONE_WEIGHTS"),

@@ -542,3 +542,92 @@ def test_predict_never_sends_the_key_to_a_host_hidden_behind_a_backslash(client,
         assert foreign.requests == []
     assert reply.status_code == 200
     assert "ambiguously" in reply.get_json()["results"][0]["error"]
+
+
+# --------------------------------------------------------------------- bounded requests
+def test_a_slow_image_never_stalls_other_predicts(tmp_path, server, camvid_images):
+    import threading
+    from dataclasses import replace
+
+    settings = replace(make_settings(tmp_path, server), image_timeout=3)
+    save_model(settings)
+    app = create_app(settings)
+    good = tasks_for(server)
+    slow = {"id": 50, "data": {"image": "/slow/40?every=0.25"}}  # 10 s if let run
+    replies = {}
+
+    def slow_request():
+        t0 = time.monotonic()
+        replies["slow"] = predict(app.test_client(), [slow, good[0]])
+        replies["slow_s"] = time.monotonic() - t0
+
+    predict(app.test_client(), good[:1])  # model loaded before timing anything
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    quick = predict(app.test_client(), good[1:2])
+    quick_s = time.monotonic() - t0
+    thread.join(timeout=30)
+    assert quick.status_code == 200 and quick.get_json()["results"][0]["result"]
+    assert quick_s < 2.0, f"a small /predict waited {quick_s:.1f} s behind a slow image"
+    results = replies["slow"].get_json()["results"]
+    assert "IMAGE_TIMEOUT (3 s)" in results[0]["error"] and results[1]["result"]
+    assert replies["slow_s"] < 5.0
+
+
+def big_png(height: int, width: int) -> bytes:
+    """A few KB of PNG that decodes to height x width: stripes compress to nothing."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2] = (128, 128, 128)
+    return png_bytes(image)
+
+
+def test_a_large_image_is_scaled_down_for_the_network(tmp_path, server, camvid_images):
+    from dataclasses import replace
+
+    settings = replace(make_settings(tmp_path, server), max_predict_pixels=60_000)
+    save_model(settings)
+    app = create_app(settings)
+    data = server.add("/data/upload/1/big.png", big_png(900, 1600))
+    assert len(data) < 20_000
+    seen = []
+    runtime = app.extensions["s4al"]
+    tasks = tasks_for(server)[:1] + [{"id": 60, "data": {"image": data}}]
+    predict(app.test_client(), tasks[:1])
+    model = runtime.model_for("1").model
+    hook = model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    try:
+        reply = predict(app.test_client(), tasks)
+    finally:
+        hook.remove()
+    results = reply.get_json()["results"]
+    assert reply.status_code == 200 and results[1]["result"]
+    assert all(n * h * w <= 60_000 for n, _, h, w in seen), seen
+    assert (1, 3, 183, 326) in seen  # 900 x 1600 scaled by sqrt(60000 / 1440000)
+    first = results[1]["result"][0]
+    assert (first["original_height"], first["original_width"]) == (900, 1600)
+    mask = rle.decode(first["value"]["rle"], 900, 1600)
+    assert mask.shape == (900, 1600) and mask.any()
+
+
+def test_a_forward_failure_fails_only_its_own_task(client, server, settings, caplog):
+    save_model(settings)
+    data = server.add("/data/upload/1/big.png", big_png(240, 320))
+    tasks = tasks_for(server)[:2] + [{"id": 70, "data": {"image": data}}]
+    predict(client, tasks[:1])
+    model = client.application.extensions["s4al"].model_for("1").model
+
+    def out_of_memory(_module, args):  # what torch raises when an allocation fails
+        if args[0].shape[-1] == 320:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    hook = model.register_forward_pre_hook(out_of_memory)
+    try:
+        reply = predict(client, tasks)
+    finally:
+        hook.remove()
+    results = reply.get_json()["results"]
+    assert reply.status_code == 200
+    assert results[0]["result"] and results[1]["result"]
+    assert "MAX_PREDICT_PIXELS" in results[2]["error"] and results[2]["result"] == []

@@ -4,6 +4,7 @@ included), size caps, decoding, the disk cache."""
 
 import base64
 import io
+import time
 import zlib
 
 import numpy as np
@@ -278,3 +279,13 @@ def test_presign_task_id_is_escaped(tmp_path, server, image):
         fetcher.fetch_bytes(uri, task_id="7/../../data/upload/1/a.png?")
     assert server.requests[-1][1] == (
         f"/tasks/7%2F..%2F..%2Fdata%2Fupload%2F1%2Fa.png%3F/presign/?fileuri={encoded}")
+
+
+def test_a_trickled_image_fails_at_the_overall_deadline(tmp_path, server):
+    # 1 byte / 0.2 s never trips a per-read timeout; 50 bytes would take 10 s
+    fetcher = ImageFetcher(make_settings(tmp_path, server, image_timeout=1))
+    started = time.monotonic()
+    with pytest.raises(ImageDownloadError, match=r"longer than IMAGE_TIMEOUT \(1 s\)") as info:
+        fetcher.fetch_bytes("/slow/50?every=0.2")
+    assert time.monotonic() - started < 2.0
+    assert info.value.http_status == 504

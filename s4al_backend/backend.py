@@ -33,7 +33,7 @@ from . import store as store_module
 from .images import ImageError, ImageFetcher, decode_image
 from .labels import ClassMapping, LabelConfigError, LabelMap, mask_to_results
 from .prediction import NetworkInput, batches, fit_pixels, scale_to
-from .settings import Settings
+from .settings import Settings, redact_url
 
 __all__ = [
     "EVENTS",
@@ -187,7 +187,8 @@ class Runtime:
                 self.warn_once(
                     ("host", given),
                     "Label Studio calls itself %s but LABEL_STUDIO_URL is %s: relative image "
-                    "URLs are fetched from LABEL_STUDIO_URL", given, self.settings.label_studio_url
+                    "URLs are fetched from LABEL_STUDIO_URL", redact_url(given),
+                    redact_url(self.settings.label_studio_url),
                 )
 
     # ------------------------------------------------------------ models

@@ -34,7 +34,7 @@ import requests
 import urllib3
 from PIL import Image
 
-from .settings import Settings
+from .settings import Settings, redact_url
 from .urls import Origin, UnsafeURL, origin_of, parse_host_port
 
 __all__ = [
@@ -102,7 +102,7 @@ class LabelStudioAuth:
 
     def __repr__(self) -> str:
         kind = self._settings.api_key_kind
-        return f"LabelStudioAuth({self._settings.label_studio_url!r}, {kind})"
+        return f"LabelStudioAuth({redact_url(self._settings.label_studio_url)!r}, {kind})"
 
     @property
     def configured(self) -> bool:
@@ -129,7 +129,8 @@ class LabelStudioAuth:
             detail = getattr(exc, "status_code", None) or type(exc).__name__
             raise ImageDownloadError(
                 "could not exchange LABEL_STUDIO_API_KEY (a personal access token) for an "
-                f"access token at {self._settings.label_studio_url}/api/token/refresh/: {detail}",
+                "access token at "
+                f"{redact_url(self._settings.label_studio_url)}/api/token/refresh/: {detail}",
                 http_status=401,
             ) from None
         return {"Authorization": value}

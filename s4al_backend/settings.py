@@ -205,7 +205,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("label_studio_api_key", "basic_auth_pass"):
                 value = "(set)" if value else ""
-            elif f.name == "redis_url":
+            elif f.name in ("redis_url", "label_studio_url"):
                 value = redact_url(value)
             elif isinstance(value, Path):
                 value = str(value)
@@ -221,17 +221,27 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
+    """The URL fit for logs and replies: user information (``user:password@``, or a lone
+    ``password@`` as Redis URLs allow) and every query value (``?password=``) replaced
+    by ***; the user name is kept when a password follows it."""
     if not url:
         return url
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a malformed URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
+    query = "&".join(
+        f"{key}=***" if has_value else key
+        for key, has_value, _ in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class _Reader:
@@ -337,11 +347,12 @@ class _Reader:
         def parse(value: str) -> str:
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"expected an http(s) URL like http://host:8080, got {value!r}")
+                raise ValueError("expected an http(s) URL like http://host:8080, got "
+                                 f"{redact_url(value)!r}")
             try:
                 parts.port  # noqa: B018  (raises on a malformed port)
             except ValueError:
-                raise ValueError(f"malformed port in {value!r}") from None
+                raise ValueError(f"malformed port in {redact_url(value)!r}") from None
             return value.rstrip("/")
 
         return self._parse(name, default, parse)
@@ -356,7 +367,8 @@ class _Reader:
                 if "://" in item:
                     item = urlsplit(item).netloc
                 if not _HOST.fullmatch(item):
-                    raise ValueError(f"expected host or host:port names, got {item!r}")
+                    shown = redact_url(f"//{item}")[2:]  # never echo user:password@
+                    raise ValueError(f"expected host or host:port names, got {shown!r}")
                 hosts.append(item)
             return tuple(hosts)
 

@@ -631,3 +631,58 @@ def test_a_forward_failure_fails_only_its_own_task(client, server, settings, cap
     assert reply.status_code == 200
     assert results[0]["result"] and results[1]["result"]
     assert "MAX_PREDICT_PIXELS" in results[2]["error"] and results[2]["result"] == []
+
+
+# --------------------------------------------------------------------- secrets (issue 14)
+SECRET = "S3cretPw-7731"
+SECRET_REDIS_URLS = [f"redis://127.0.0.1:1/0?password={SECRET}",  # nothing listens on :1
+                     f"redis://{SECRET}@127.0.0.1:1/0", f"redis://:{SECRET}@127.0.0.1:1/0"]
+
+
+@pytest.mark.parametrize("redis_url", SECRET_REDIS_URLS)
+def test_redis_password_never_in_replies_or_logs(tmp_path, server, caplog, redis_url):
+    settings = make_settings(tmp_path, server, redis_url=redis_url,
+                             label_studio_url=f"http://ls-user:{SECRET}@{server.host}")
+    with caplog.at_level(logging.DEBUG):
+        client = create_app(settings).test_client()
+        webhook = client.post("/webhook", json={"action": "START_TRAINING",
+                                                "project": {"id": 3}})
+        status = client.get("/status?project=3")
+    assert webhook.status_code == 503 and "Redis unavailable" in webhook.get_json()["error"]
+    assert "Redis unavailable" in status.get_json()["training"]["error"]
+    text = (webhook.get_data(as_text=True) + status.get_data(as_text=True) + repr(settings)
+            + "\n".join(r.getMessage() for r in caplog.records))
+    assert SECRET not in text
+
+
+def test_settings_log_line_and_config_errors_hide_passwords(tmp_path):
+    port = free_port()
+    env = service_env(tmp_path, REDIS_URL=SECRET_REDIS_URLS[0],
+                      LABEL_STUDIO_URL=f"http://u:{SECRET}@127.0.0.1:9")
+    process = subprocess.Popen([sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port",
+                                str(port)], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_health(port, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        log = process.communicate(timeout=15)[1]
+    assert "settings: Settings(" in log and "password=***" in log and SECRET not in log
+    for name, value in (("LABEL_STUDIO_URL", f"ftp://u:{SECRET}@ls"),
+                        ("LABEL_STUDIO_URL", f"http://u:{SECRET}@ls:99999"),
+                        ("REDIS_URL", f"mysql://u:{SECRET}@db"),
+                        ("ALLOWED_IMAGE_HOSTS", f"http://u:{SECRET}@bucket")):
+        done = subprocess.run([sys.executable, "_wsgi.py", "--port", str(free_port())],
+                              cwd=ROOT, env=service_env(tmp_path, **{name: value}),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"configuration error: {name}" in done.stderr
+        assert SECRET not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("redis_url", SECRET_REDIS_URLS[:2])
+def test_worker_never_prints_the_redis_password(tmp_path, redis_url):
+    done = subprocess.run([sys.executable, "-m", "s4al_backend.worker", "--burst"], cwd=ROOT,
+                          env=service_env(tmp_path, REDIS_URL=redis_url),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Redis unavailable at redis://" in done.stderr
+    assert SECRET not in done.stderr + done.stdout

@@ -59,6 +59,8 @@ DEFAULT_RUNNER = "s4al_backend.cycle:run_cycle"
 JOB_FUNCTION = "s4al_backend.jobs.run_cycle_job"
 
 RETRY_INTERVALS: tuple[int, ...] = (30, 120, 600)  # seconds before retry 1, 2, 3
+WEB_REDIS_CONNECTIONS = 100  # per web process; more requests wait for a free one
+WEB_REDIS_TIMEOUT = 0.75  # seconds: each Redis call of a web request, and the pool wait
 LOCK_TTL = 60.0  # seconds a dead worker's lock outlives it
 LOCK_WAIT = 5.0  # seconds a job waits before putting itself back when the lock is held
 MARKER_GRACE = 30.0  # a queued marker younger than this is trusted even before its job exists
@@ -363,6 +365,23 @@ class LockKeeper:
             log.warning("could not release lock %s (it expires by itself): %s", self.key, exc)
 
 
+def web_connection(url: str):
+    """The web side's Redis client. The webhook answers within Label Studio's ~1 s: short
+    timeouts and no retries, so a frozen Redis is a 503 within a second; and a pool that
+    waits for a free connection rather than failing, so a burst of webhooks beyond the
+    pool's size is served, not answered 503 (and its annotations' triggers lost)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=WEB_REDIS_CONNECTIONS, timeout=WEB_REDIS_TIMEOUT,
+        socket_connect_timeout=WEB_REDIS_TIMEOUT, socket_timeout=WEB_REDIS_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
 class RedisJobs(Jobs):
     kind = "redis"
 
@@ -383,10 +402,7 @@ class RedisJobs(Jobs):
 
         self.lock_ttl = lock_ttl
         self.lock_wait = lock_wait
-        # the webhook answers within Label Studio's ~1 s: short timeouts on this side
-        self.connection = connection or redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0
-        )
+        self.connection = connection or web_connection(settings.redis_url)
         self.queue = Queue(settings.queue_name, connection=self.connection,
                            default_timeout=settings.job_timeout)
         self._errors = (redis.exceptions.RedisError, OSError)

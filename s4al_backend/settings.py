@@ -59,6 +59,7 @@ class Settings:
     model_dir: Path = Path("model_dir")
     device: str = "auto"
     predict_batch_size: int = 4
+    predict_concurrency: int = 4
     max_image_bytes: int = 30 * _MIB
     max_image_pixels: int = 40_000_000
     max_predict_pixels: int = 2_500_000
@@ -107,6 +108,7 @@ class Settings:
             "model_dir": model_dir,
             "device": read.device("DEVICE"),
             "predict_batch_size": read.integer("PREDICT_BATCH_SIZE", 4, minimum=1),
+            "predict_concurrency": read.integer("PREDICT_CONCURRENCY", 4, minimum=1),
             "max_image_bytes": read.size("MAX_IMAGE_BYTES", 30 * _MIB),
             "max_image_pixels": read.count("MAX_IMAGE_PIXELS", 40_000_000),
             "max_predict_pixels": read.count("MAX_PREDICT_PIXELS", 2_500_000),

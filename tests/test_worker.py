@@ -43,10 +43,17 @@ class OwnRedis:
 
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+             "--appendonly", "no", "--dir", str(self.directory),
+             "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         wait_for(lambda: _pings(client), 10, "redis-server to answer")
+
+    def stall(self, seconds: float) -> None:
+        """Redis itself busy for ``seconds`` (DEBUG SLEEP): every client waits."""
+        import redis
+
+        redis.Redis.from_url(self.url).execute_command("DEBUG", "SLEEP", seconds)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -18,6 +18,7 @@ order) and the rest are logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -25,13 +26,13 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from . import store as store_module
 from .images import ImageError, ImageFetcher, decode_image
 from .labels import ClassMapping, LabelConfigError, LabelMap, mask_to_results
+from .lru import BoundedLRU
 from .prediction import NetworkInput, batches, fit_pixels, scale_to
 from .settings import Settings, redact_url
 
@@ -59,6 +60,8 @@ EVENTS = (
     "PROJECT_UPDATED",
 )
 MAX_CACHED_MODELS = 8
+MAX_REMEMBERED_CONFIGS = 1000  # project ids whose label config /setup or /predict sent
+MAX_REMEMBERED_CONFIG_BYTES = 32 * 1024 * 1024
 
 
 def _label_studio_ml_base():
@@ -133,9 +136,10 @@ class _Stats:
         return out
 
 
-@lru_cache(maxsize=64)
-def _label_map(config: str) -> LabelMap:
-    return LabelMap.from_config(config)
+def config_digest(config: str) -> str:
+    """A label config's fingerprint: caches and warnings key on it, never on the XML
+    itself (configs can be megabytes)."""
+    return hashlib.sha256(config.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Runtime:
@@ -149,10 +153,11 @@ class Runtime:
         self._models: OrderedDict[Path, LoadedModel] = OrderedDict()
         self._load_lock = threading.Lock()
         self.forward_lock = threading.Lock()  # one forward at a time: no thread thrash
-        self._configs: dict[str, str] = {}
+        self._configs = BoundedLRU(MAX_REMEMBERED_CONFIGS, MAX_REMEMBERED_CONFIG_BYTES, len)
+        self._label_maps = BoundedLRU(64)
         self._setup_token: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s4al-fetch")
-        self._warned: set[tuple] = set()
+        self._warned = BoundedLRU(4096)
         if settings.torch_threads:
             import torch
 
@@ -166,11 +171,18 @@ class Runtime:
 
     # ------------------------------------------------------------ label configs
     def label_map(self, config: str) -> LabelMap:
-        return _label_map(config)
+        key = config_digest(config)
+        label_map = self._label_maps.get(key)
+        if label_map is None:
+            label_map = LabelMap.from_config(config)
+            self._label_maps.put(key, label_map)
+        return label_map
 
     def remember_config(self, project: str | None, config: str) -> None:
+        """The project's label config for later /predict calls without one (bounded:
+        the least recently used projects are forgotten first; they send it again)."""
         if project is not None:
-            self._configs[project] = config
+            self._configs.put(project, config)
 
     def config_for(self, project: str | None) -> str | None:
         return self._configs.get(project) if project is not None else None
@@ -261,8 +273,7 @@ class Runtime:
         return {str(root): m.version for root, m in list(self._models.items())}
 
     def warn_once(self, key: tuple, message: str, *args) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
+        if self._warned.add(key):
             logger.warning(message, *args)
 
     def submit(self, fn, *args):
@@ -356,7 +367,7 @@ class S4ALBackend(_Base):
         if loaded is None or version != loaded.version:
             if info is not None and version.endswith(f"({MISMATCH_NOTE})"):
                 self.runtime.warn_once(
-                    ("mismatch", info.version, self.label_config_xml),
+                    ("mismatch", info.version, config_digest(self.label_config_xml)),
                     "model %s knows classes %s, the label config has %s: no predictions",
                     info.version, list(info.classes), list(label_map.classes),
                 )
@@ -366,7 +377,7 @@ class S4ALBackend(_Base):
         mapping = ClassMapping.between(loaded.classes, label_map)
         if mapping.missing or mapping.extra:
             self.runtime.warn_once(
-                ("partial", loaded.version, self.label_config_xml),
+                ("partial", loaded.version, config_digest(self.label_config_xml)),
                 "model %s vs label config: config classes it cannot predict %s; model "
                 "classes the config lacks (left unlabelled) %s",
                 loaded.version, list(mapping.missing), list(mapping.extra),

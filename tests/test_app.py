@@ -686,3 +686,29 @@ def test_worker_never_prints_the_redis_password(tmp_path, redis_url):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Redis unavailable at redis://" in done.stderr
     assert SECRET not in done.stderr + done.stdout
+
+
+# --------------------------------------------------------------------- bounded memory
+def test_label_configs_of_many_projects_stay_bounded(client):
+    import gc
+    import tracemalloc
+
+    from s4al_backend.backend import MAX_REMEMBERED_CONFIG_BYTES
+
+    padding = "x" * (1024 * 1024)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for project in range(60):  # 60 MB of distinct label configs
+            schema = CONFIG.replace("<View>", f"<View><!-- {project} {padding} -->")
+            reply = client.post("/setup", json={"project": str(100 + project), "schema": schema})
+            assert reply.status_code == 200
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < MAX_REMEMBERED_CONFIG_BYTES + 8 * 1024 * 1024, f"+{grown / 2**20:.0f} MB kept"
+    # the most recent projects' configs are still remembered: /predict without a config
+    assert predict(client, [], config=None, project="159").status_code == 200
+    assert predict(client, [], config=None, project="100").status_code == 400

@@ -49,7 +49,10 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
         return backend_class(project_id=project, label_config=label_config, runtime=runtime)
 
     def body() -> dict:
-        data = request.get_json(silent=True, force=True)  # any content type
+        try:
+            data = request.get_json(silent=True, force=True)  # any content type
+        except RecursionError:  # json's parser recurses once per level
+            raise BadRequest("the JSON body is nested too deeply") from None
         if not isinstance(data, dict):
             raise BadRequest("the request body must be a JSON object")
         return data

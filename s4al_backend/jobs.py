@@ -74,6 +74,9 @@ class QueueUnavailable(RuntimeError):
     """The queue (Redis) cannot take the request; the web layer answers 503."""
 
 
+_MAX_PROJECT_ID = 10**18  # Label Studio's ids are database integers
+
+
 def project_of(data: Any) -> int | None:
     """The project id of a webhook body: `project` is an object with `id` (1.23), an id,
     or a `task`'s project."""
@@ -85,11 +88,11 @@ def project_of(data: Any) -> int | None:
             candidate = candidate.get("id")
         if isinstance(candidate, bool):
             continue
-        if isinstance(candidate, int):
+        if isinstance(candidate, int) and 0 <= candidate < _MAX_PROJECT_ID:
             return candidate
         if isinstance(candidate, str):
             head = candidate.split(".", 1)[0]  # /setup's "<id>.<timestamp>"
-            if head.isdigit():
+            if head.isascii() and head.isdigit() and len(head) <= 18:
                 return int(head)
     return None
 
@@ -229,8 +232,9 @@ class Jobs:
                     "message": "no project id in the webhook body"}
         if event == START_EVENT:
             return {"event": event, **self.request_cycle(project, "START_TRAINING")}
-        count = max(1, len(data.get("annotations") or [])) if event == "ANNOTATIONS_DELETED" \
-            else 1
+        deleted = data.get("annotations")
+        count = max(1, len(deleted)) if event == "ANNOTATIONS_DELETED" and isinstance(
+            deleted, list) else 1
         pending = self._add_pending(project, count)
         threshold = int(self.settings.train_after_annotations)
         if threshold <= 0 or pending < threshold:

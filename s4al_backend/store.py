@@ -43,7 +43,7 @@ __all__ = ["ModelStore", "project_key", "project_store", "resolve_current", "sha
 logger = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"v(\d+)-[0-9A-Za-z._-]+")
-_PROJECT = re.compile(r"[0-9A-Za-z_-]+")
+_PROJECT = re.compile(r"[0-9A-Za-z_-]{1,64}")  # a folder name: never too long for one
 CHECKPOINT_SUFFIX = ".pt"
 META_SUFFIX = ".json"
 

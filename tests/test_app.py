@@ -712,3 +712,34 @@ def test_label_configs_of_many_projects_stay_bounded(client):
     # the most recent projects' configs are still remembered: /predict without a config
     assert predict(client, [], config=None, project="159").status_code == 200
     assert predict(client, [], config=None, project="100").status_code == 400
+
+
+# --------------------------------------------------------------------- malformed input
+DEEP_JSON = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook"])
+def test_deeply_nested_json_is_a_400(client, path):
+    reply = client.post(path, data=DEEP_JSON, content_type="application/json")
+    assert reply.status_code == 400 and "nested too deeply" in reply.get_json()["error"]
+
+
+@pytest.mark.parametrize("project", ["x" * 300, "1" * 300, "9" * 5000, {"id": 10**400},
+                                     {"id": "x" * 300}])
+def test_absurd_project_ids_are_a_400(client, project):
+    replies = [
+        client.post("/setup", json={"project": project, "schema": CONFIG}),
+        predict(client, [], project=project),
+        client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": project}),
+        client.get("/status", query_string={"project": str(project)}),
+    ]
+    for reply in replies:
+        assert reply.status_code == 400, (reply.request.path, reply.get_json())
+        assert "not a project id" in reply.get_json()["error"]
+
+
+@pytest.mark.parametrize("annotations", [5, "x", {"id": 1}, None])
+def test_annotations_deleted_with_a_malformed_list_counts_one(client, annotations):
+    reply = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 77},
+                                          "annotations": annotations})
+    assert reply.status_code == 200 and reply.get_json()["status"] == "counted"

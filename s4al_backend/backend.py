@@ -187,19 +187,26 @@ class Runtime:
     def config_for(self, project: str | None) -> str | None:
         return self._configs.get(project) if project is not None else None
 
-    def remember_setup(self, hostname: str | None, access_token: str | None) -> None:
+    def remember_setup(self, hostname: Any, access_token: Any) -> None:
         """What /setup says about Label Studio. Its access token (the project owner's
-        legacy token) is used only when LABEL_STUDIO_API_KEY is unset, and sent only to
-        LABEL_STUDIO_URL's host; its hostname never widens the allowed hosts."""
-        if access_token and not self.settings.label_studio_api_key:
-            self.fetcher.auth.fallback_token = str(access_token)
+        legacy token) is used only when LABEL_STUDIO_API_KEY is unset, sent only to
+        LABEL_STUDIO_URL's origin, and never replaces a token Label Studio accepts; its
+        hostname never widens the allowed hosts (and is logged escaped)."""
+        if access_token:
+            outcome = self.fetcher.auth.offer_setup_token(access_token)
+            if outcome in ("malformed", "kept"):
+                self.warn_once(("setup-token", outcome),
+                               "/setup sent a %s access token: not used (%s)", outcome,
+                               "not a Label Studio token" if outcome == "malformed" else
+                               "the token in use still works; set LABEL_STUDIO_API_KEY "
+                               "to choose one")
         if hostname and isinstance(hostname, str):
-            given = hostname.rstrip("/").lower()
+            given = hostname.rstrip("/").lower()[:200]
             if given != self.settings.label_studio_url.lower():
                 self.warn_once(
                     ("host", given),
-                    "Label Studio calls itself %s but LABEL_STUDIO_URL is %s: relative image "
-                    "URLs are fetched from LABEL_STUDIO_URL", redact_url(given),
+                    "Label Studio calls itself %r but LABEL_STUDIO_URL is %s: relative "
+                    "image URLs are fetched from LABEL_STUDIO_URL", redact_url(given),
                     redact_url(self.settings.label_studio_url),
                 )
 

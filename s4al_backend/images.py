@@ -34,7 +34,7 @@ import requests
 import urllib3
 from PIL import Image
 
-from .settings import Settings, redact_url
+from .settings import Settings, looks_like_token, redact_url
 from .urls import Origin, UnsafeURL, origin_of, parse_host_port
 
 __all__ = [
@@ -99,10 +99,25 @@ class LabelStudioAuth:
         self._lock = threading.Lock()
         # the project owner's legacy token from /setup, used only without an API key
         self.fallback_token: str | None = None
+        self.fallback_refused = False  # Label Studio answered 401/403 to it
 
     def __repr__(self) -> str:
         kind = self._settings.api_key_kind
         return f"LabelStudioAuth({redact_url(self._settings.label_studio_url)!r}, {kind})"
+
+    def offer_setup_token(self, token: object) -> str:
+        """/setup's token, adopted only without LABEL_STUDIO_API_KEY, only when well-formed
+        and only while none is held or Label Studio refused the one held: a caller of
+        /setup cannot swap out a working token. Returns adopted / kept / malformed /
+        unused."""
+        if self._settings.label_studio_api_key:
+            return "unused"
+        if not looks_like_token(token):
+            return "malformed"
+        if self.fallback_token is not None and not self.fallback_refused:
+            return "kept" if token != self.fallback_token else "adopted"
+        self.fallback_token, self.fallback_refused = str(token), False
+        return "adopted"
 
     @property
     def configured(self) -> bool:
@@ -393,6 +408,7 @@ class ImageFetcher:
         if response.status_code != 200:
             hint = ""
             if response.status_code in (401, 403) and self._is_label_studio(origin):
+                self.auth.fallback_refused = self.auth.fallback_token is not None
                 hint = " (check LABEL_STUDIO_API_KEY; legacy tokens need " \
                        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN on the server)"
             raise ImageDownloadError(

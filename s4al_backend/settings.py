@@ -138,6 +138,11 @@ class Settings:
             "job_timeout": read.integer("JOB_TIMEOUT", 7200, minimum=1),
             "num_gpus": read.integer("NUM_GPUS", 1, minimum=1),
         }
+        if ":" in values["basic_auth_user"] or not values["basic_auth_user"].isprintable():
+            raise SettingsError(
+                "BASIC_AUTH_USER: must not contain ':' or control characters (HTTP basic "
+                "auth sends user:password, so no client could ever log in)"
+            )
         if bool(values["basic_auth_user"]) != bool(values["basic_auth_pass"]):
             missing = "BASIC_AUTH_PASS" if values["basic_auth_user"] else "BASIC_AUTH_USER"
             raise SettingsError(
@@ -220,6 +225,15 @@ class Settings:
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.public().items())
         return f"Settings({shown})"
+
+
+def looks_like_token(value: object) -> bool:
+    """A legacy token or a JWT as Label Studio issues them: token characters only (never
+    a CR/LF that would break every request it goes into), of a sane length."""
+    if not isinstance(value, str) or not 16 <= len(value) <= 4096:
+        return False
+    return bool(_HEX40.fullmatch(value) or _TOKEN_CHARS.fullmatch(value)
+                or _JWT.fullmatch(value))
 
 
 def redact_url(url: str) -> str:

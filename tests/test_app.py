@@ -743,3 +743,47 @@ def test_annotations_deleted_with_a_malformed_list_counts_one(client, annotation
     reply = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 77},
                                           "annotations": annotations})
     assert reply.status_code == 200 and reply.get_json()["status"] == "counted"
+
+
+# --------------------------------------------------------------------- /setup's token (issue 14)
+def test_setup_cannot_swap_or_break_the_image_token(tmp_path, server, caplog):
+    settings = make_settings(tmp_path, server, label_studio_api_key="", image_cache_mb=0)
+    save_model(settings)
+    client = create_app(settings).test_client()
+    tasks = tasks_for(server)[:1]  # fetched again by every /predict (no image cache)
+
+    def setup(token, hostname="http://elsewhere:8080"):
+        return client.post("/setup", json={"project": PROJECT, "schema": CONFIG,
+                                           "hostname": hostname, "access_token": token})
+
+    with caplog.at_level(logging.INFO):
+        assert setup(LEGACY_KEY).status_code == 200
+        assert predict(client, tasks).get_json()["results"][0]["result"]
+        assert setup("evil\r\nX-Injected: 1" + "a" * 20).status_code == 200  # malformed
+        assert predict(client, tasks).get_json()["results"][0]["result"]
+        assert setup("f" * 40).status_code == 200  # well-formed, but ours still works
+        assert predict(client, tasks).get_json()["results"][0]["result"]
+        assert setup(LEGACY_KEY, hostname="http://x\r\n[ERROR] forged line").status_code == 200
+    assert server.requests[-1][2] == f"Token {LEGACY_KEY}"
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("\n" in m for m in messages if "forged line" in m)
+    assert any("malformed access token" in m for m in messages)
+
+
+def test_a_refused_setup_token_is_replaced_by_the_next(tmp_path, server):
+    settings = make_settings(tmp_path, server, label_studio_api_key="", image_cache_mb=0)
+    save_model(settings)
+    client = create_app(settings).test_client()
+    tasks = tasks_for(server)[:1]
+    client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "access_token": "f" * 40})
+    assert "HTTP 401" in predict(client, tasks).get_json()["results"][0]["error"]
+    client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "access_token": LEGACY_KEY})
+    assert predict(client, tasks).get_json()["results"][0]["result"]
+
+
+def test_basic_auth_user_with_a_colon_stops_the_start(tmp_path):
+    env = service_env(tmp_path, BASIC_AUTH_USER="team:ls", BASIC_AUTH_PASS="pw-123")
+    done = subprocess.run([sys.executable, "_wsgi.py", "--port", str(free_port())], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "configuration error: BASIC_AUTH_USER: must not contain ':'" in done.stderr

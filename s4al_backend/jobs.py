@@ -454,6 +454,10 @@ class RedisJobs(Jobs):
             if marker:
                 job_id, stamp = marker
                 status = self._pending_job(job_id)
+                if status == "scheduled" and reason == START_EVENT:
+                    self._run_retry_now(job_id)
+                    return {"status": "coalesced", "project": project, "job_id": job_id,
+                            "message": "the retry waiting for its backoff runs now"}
                 if status or time.time() - stamp < MARKER_GRACE:
                     return {"status": "coalesced", "project": project, "job_id": job_id,
                             "message": f"a cycle is already queued ({status or 'queued'})"}
@@ -473,6 +477,18 @@ class RedisJobs(Jobs):
                     "message": f"training queued ({reason})" if reason else "training queued"}
         return {"status": "coalesced", "project": project,
                 "message": "a cycle is being queued concurrently"}
+
+    def _run_retry_now(self, job_id: str) -> None:
+        """*Start Training* while a failed cycle waits for its retry backoff (30 s to
+        10 min): the user has fixed the fault, so the retry is due now (the scheduler
+        queues it within a second)."""
+        from datetime import datetime, timezone
+
+        from rq.job import Job
+
+        job = Job.fetch(job_id, connection=self.connection)
+        self.queue.schedule_job(job, datetime.now(timezone.utc))
+        log.info("project job %s: retry brought forward (START_TRAINING)", job_id)
 
     def enqueue(self, project: int, reason: str, job_id: str):
         from rq import Retry
@@ -681,6 +697,7 @@ class LocalJobs(Jobs):
         self._state: dict[int, dict] = {}
         self._queue: queue_module.Queue = queue_module.Queue()
         self._timers: list[threading.Timer] = []
+        self._retry_timers: dict[int, threading.Timer] = {}  # per project, until it fires
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="s4al-jobs", daemon=True)
         self._thread.start()
@@ -700,9 +717,20 @@ class LocalJobs(Jobs):
     def request_cycle(self, project: int, reason: str = "") -> dict:
         with self._lock:
             state = self._project(project)
-            if state["queued"] is not None:
+            queued = state["queued"]
+            if queued is not None:
+                timer = self._retry_timers.pop(project, None)
+                if reason == START_EVENT and timer is not None:
+                    timer.cancel()  # the fault is fixed: the retry runs now
+                    queued.pop("retry_at", None)
+                    self._queue.put(project)
+                    return {"status": "coalesced", "project": project,
+                            "job_id": queued["job_id"],
+                            "message": "the retry waiting for its backoff runs now"}
+                if timer is not None:
+                    self._retry_timers[project] = timer
                 return {"status": "coalesced", "project": project,
-                        "job_id": state["queued"]["job_id"],
+                        "job_id": queued["job_id"],
                         "message": "a cycle is already queued"}
             job_id = new_job_id("local", project)
             state["queued"] = {"job_id": job_id, "since": time.time(), "reason": reason,
@@ -801,13 +829,17 @@ class LocalJobs(Jobs):
                            "retry_at": time.time() + delay}
 
         def fire():
-            if not self._closed:
-                self._queue.put(project)
+            with self._lock:  # unless *Start Training* already ran it
+                if self._closed or self._retry_timers.get(project) is not timer:
+                    return
+                del self._retry_timers[project]
+            self._queue.put(project)
 
         timer = threading.Timer(delay, fire)
         timer.daemon = True
         timer.start()
         self._timers.append(timer)
+        self._retry_timers[project] = timer
 
     def _lock_path(self, project: int) -> Path:
         return Path(self.settings.model_dir) / "locks" / f"project-{project}.lock"

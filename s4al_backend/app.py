@@ -52,7 +52,10 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
         return backend_class(project_id=project, label_config=label_config, runtime=runtime)
 
     def body() -> dict:
-        data = request.get_json(silent=True, force=True)  # any content type
+        try:
+            data = request.get_json(silent=True, force=True)  # any content type
+        except RecursionError:  # json's parser recurses once per level
+            raise BadRequest("the JSON body is nested too deeply") from None
         if not isinstance(data, dict):
             raise BadRequest("the request body must be a JSON object")
         return data
@@ -129,8 +132,26 @@ def create_app(settings: Settings | None = None, backend_class=S4ALBackend) -> F
         runtime.remember_setup(data.get("hostname"), data.get("access_token"))
         return jsonify({"model_version": model.model_version})
 
+    # a /predict beyond PREDICT_CONCURRENCY is turned away at once rather than queued:
+    # waiting requests would hold the server's threads, and /health (1 s in Label
+    # Studio), /setup (3 s) and /webhook (1 s) would wait behind them
+    predict_slots = threading.BoundedSemaphore(settings.predict_concurrency)
+
     @app.post("/predict")
     def predict():
+        if not predict_slots.acquire(blocking=False):
+            logger.warning("/predict turned away: %d already in flight (PREDICT_CONCURRENCY)",
+                           settings.predict_concurrency)
+            response = error(503, f"busy: {settings.predict_concurrency} /predict requests "
+                             "already in flight (PREDICT_CONCURRENCY); retry shortly")
+            response.headers["Retry-After"] = "2"
+            return response
+        try:
+            return answer_predict()
+        finally:
+            predict_slots.release()
+
+    def answer_predict():
         data = body()
         if "tasks" not in data:
             raise BadRequest("/predict needs 'tasks'")

@@ -18,6 +18,7 @@ order) and the rest are logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -25,16 +26,15 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import store as store_module
-from .images import ImageError, ImageFetcher
+from .images import ImageError, ImageFetcher, decode_image
 from .labels import ClassMapping, LabelConfigError, LabelMap, mask_to_results
-from .settings import Settings
+from .lru import BoundedLRU
+from .prediction import NetworkInput, batches, fit_pixels, scale_to
+from .settings import Settings, redact_url
 
 __all__ = [
     "EVENTS",
@@ -60,6 +60,8 @@ EVENTS = (
     "PROJECT_UPDATED",
 )
 MAX_CACHED_MODELS = 8
+MAX_REMEMBERED_CONFIGS = 1000  # project ids whose label config /setup or /predict sent
+MAX_REMEMBERED_CONFIG_BYTES = 32 * 1024 * 1024
 
 
 def _label_studio_ml_base():
@@ -134,9 +136,10 @@ class _Stats:
         return out
 
 
-@lru_cache(maxsize=64)
-def _label_map(config: str) -> LabelMap:
-    return LabelMap.from_config(config)
+def config_digest(config: str) -> str:
+    """A label config's fingerprint: caches and warnings key on it, never on the XML
+    itself (configs can be megabytes)."""
+    return hashlib.sha256(config.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Runtime:
@@ -150,10 +153,11 @@ class Runtime:
         self._models: OrderedDict[Path, LoadedModel] = OrderedDict()
         self._load_lock = threading.Lock()
         self.forward_lock = threading.Lock()  # one forward at a time: no thread thrash
-        self._configs: dict[str, str] = {}
+        self._configs = BoundedLRU(MAX_REMEMBERED_CONFIGS, MAX_REMEMBERED_CONFIG_BYTES, len)
+        self._label_maps = BoundedLRU(64)
         self._setup_token: str | None = None
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s4al-fetch")
-        self._warned: set[tuple] = set()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s4al-fetch")
+        self._warned = BoundedLRU(4096)
         if settings.torch_threads:
             import torch
 
@@ -167,32 +171,47 @@ class Runtime:
 
     # ------------------------------------------------------------ label configs
     def label_map(self, config: str) -> LabelMap:
-        return _label_map(config)
+        key = config_digest(config)
+        label_map = self._label_maps.get(key)
+        if label_map is None:
+            label_map = LabelMap.from_config(config)
+            self._label_maps.put(key, label_map)
+        return label_map
 
     def remember_config(self, project: str | None, config: str) -> None:
+        """The project's label config for later /predict calls without one (bounded:
+        the least recently used projects are forgotten first; they send it again)."""
         if project is not None:
-            self._configs[project] = config
+            self._configs.put(project, config)
 
     def config_for(self, project: str | None) -> str | None:
         return self._configs.get(project) if project is not None else None
 
     def known_projects(self) -> list[str]:
         """Projects Label Studio set up or asked predictions for in this process."""
-        return [project for project in self._configs if project]
+        return [project for project in self._configs.keys() if project]
 
-    def remember_setup(self, hostname: str | None, access_token: str | None) -> None:
+    def remember_setup(self, hostname: Any, access_token: Any) -> None:
         """What /setup says about Label Studio. Its access token (the project owner's
-        legacy token) is used only when LABEL_STUDIO_API_KEY is unset, and sent only to
-        LABEL_STUDIO_URL's host; its hostname never widens the allowed hosts."""
-        if access_token and not self.settings.label_studio_api_key:
-            self.fetcher.auth.fallback_token = str(access_token)
+        legacy token) is used only when LABEL_STUDIO_API_KEY is unset, sent only to
+        LABEL_STUDIO_URL's origin, and never replaces a token Label Studio accepts; its
+        hostname never widens the allowed hosts (and is logged escaped)."""
+        if access_token:
+            outcome = self.fetcher.auth.offer_setup_token(access_token)
+            if outcome in ("malformed", "kept"):
+                self.warn_once(("setup-token", outcome),
+                               "/setup sent a %s access token: not used (%s)", outcome,
+                               "not a Label Studio token" if outcome == "malformed" else
+                               "the token in use still works; set LABEL_STUDIO_API_KEY "
+                               "to choose one")
         if hostname and isinstance(hostname, str):
-            given = hostname.rstrip("/").lower()
+            given = hostname.rstrip("/").lower()[:200]
             if given != self.settings.label_studio_url.lower():
                 self.warn_once(
                     ("host", given),
-                    "Label Studio calls itself %s but LABEL_STUDIO_URL is %s: relative image "
-                    "URLs are fetched from LABEL_STUDIO_URL", given, self.settings.label_studio_url
+                    "Label Studio calls itself %r but LABEL_STUDIO_URL is %s: relative "
+                    "image URLs are fetched from LABEL_STUDIO_URL", redact_url(given),
+                    redact_url(self.settings.label_studio_url),
                 )
 
     # ------------------------------------------------------------ models
@@ -265,8 +284,7 @@ class Runtime:
         return {str(root): m.version for root, m in list(self._models.items())}
 
     def warn_once(self, key: tuple, message: str, *args) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
+        if self._warned.add(key):
             logger.warning(message, *args)
 
     def submit(self, fn, *args):
@@ -360,7 +378,7 @@ class S4ALBackend(_Base):
         if loaded is None or version != loaded.version:
             if info is not None and version.endswith(f"({MISMATCH_NOTE})"):
                 self.runtime.warn_once(
-                    ("mismatch", info.version, self.label_config_xml),
+                    ("mismatch", info.version, config_digest(self.label_config_xml)),
                     "model %s knows classes %s, the label config has %s: no predictions",
                     info.version, list(info.classes), list(label_map.classes),
                 )
@@ -370,7 +388,7 @@ class S4ALBackend(_Base):
         mapping = ClassMapping.between(loaded.classes, label_map)
         if mapping.missing or mapping.extra:
             self.runtime.warn_once(
-                ("partial", loaded.version, self.label_config_xml),
+                ("partial", loaded.version, config_digest(self.label_config_xml)),
                 "model %s vs label config: config classes it cannot predict %s; model "
                 "classes the config lacks (left unlabelled) %s",
                 loaded.version, list(mapping.missing), list(mapping.extra),
@@ -378,44 +396,57 @@ class S4ALBackend(_Base):
         lookup = None if mapping.identity else mapping.lookup()
         outputs: list[dict | None] = [None] * len(tasks)
         errors: dict[int, str] = {}
-        timing = {"download_s": 0.0, "decode_s": 0.0, "wait_s": 0.0}
-        order: deque[int] = deque()
-        images = self._images(tasks, label_map, errors, timing, order)
-        from model.inference import predict_probabilities
-
-        forward_total = post_total = 0.0
-        with self.runtime.forward_lock:
-            stream = predict_probabilities(
-                loaded.model, images, batch_size=self.runtime.settings.predict_batch_size,
-                device=loaded.device, amp=loaded.device.startswith("cuda"),
-            )
-            while True:
+        timing = dict.fromkeys(("download_s", "decode_s", "forward_s", "postprocess_s"), 0.0)
+        settings = self.runtime.settings
+        inputs = self._images(tasks, label_map, errors, timing)
+        # the network runs under the forward lock one batch at a time; downloads and
+        # post-processing happen outside it, so a slow image never holds up other requests
+        for batch in batches(inputs, settings.predict_batch_size, settings.max_predict_pixels):
+            for item, probs in zip(batch, self._forward(loaded, batch, errors, timing),
+                                   strict=True):
+                if probs is None:
+                    continue
                 t0 = time.perf_counter()
                 try:
-                    probs = next(stream)
-                except StopIteration:
-                    forward_total += time.perf_counter() - t0
-                    break
-                forward_total += time.perf_counter() - t0
-                t1 = time.perf_counter()
-                index = order.popleft()
-                try:
-                    outputs[index] = self._to_prediction(probs, label_map, lookup, version)
+                    outputs[item.index] = self._to_prediction(probs, item.size, label_map,
+                                                              lookup, version)
                 except Exception as exc:  # a bug for one task must not lose the batch
-                    logger.exception("task %s: post-processing failed", tasks[index].get("id"))
-                    errors[index] = f"post-processing failed: {type(exc).__name__}"
-                post_total += time.perf_counter() - t1
+                    logger.exception("task %s: post-processing failed",
+                                     tasks[item.index].get("id"))
+                    errors[item.index] = f"post-processing failed: {type(exc).__name__}"
+                timing["postprocess_s"] += time.perf_counter() - t0
         for index, message in errors.items():
             outputs[index] = {**_empty(version), "error": message}
-        stats.add(
-            task_errors=len(errors),
-            download_s=timing["download_s"],
-            decode_s=timing["decode_s"],
-            forward_s=max(0.0, forward_total - timing["wait_s"]),
-            postprocess_s=post_total,
-            wall_s=time.perf_counter() - started,
-        )
+        stats.add(task_errors=len(errors), wall_s=time.perf_counter() - started, **timing)
         return [o if o is not None else _empty(version) for o in outputs]
+
+    def _forward(self, loaded: LoadedModel, batch: list[NetworkInput], errors: dict,
+                 timing: dict) -> list:
+        """Probabilities per input (None where the network failed on it, with the error in
+        ``errors``). A failed batch is retried image by image: one image fails alone."""
+        from model.inference import predict_probabilities
+
+        try:
+            with self.runtime.forward_lock:
+                t0 = time.perf_counter()
+                out = list(predict_probabilities(
+                    loaded.model, [item.image for item in batch], batch_size=len(batch),
+                    device=loaded.device, amp=loaded.device.startswith("cuda"),
+                ))
+                timing["forward_s"] += time.perf_counter() - t0
+                return out
+        except (RuntimeError, MemoryError) as exc:  # out of memory, mostly
+            if len(batch) > 1:
+                return [self._forward(loaded, [item], errors, timing)[0] for item in batch]
+            item = batch[0]
+            height, width = item.image.shape[:2]
+            logger.error("task %s: the network failed on a %dx%d input: %s", item.task_id,
+                         width, height, exc)
+            errors[item.index] = (
+                f"the model could not run on this image ({width}x{height} px at the network: "
+                f"{type(exc).__name__}); lower MAX_PREDICT_PIXELS or PREDICT_BATCH_SIZE"
+            )
+            return [None]
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
         """Webhook events: counted / queued by s4al_backend.jobs (RQ on Redis, or the
@@ -470,16 +501,17 @@ class S4ALBackend(_Base):
 
     # ------------------------------------------------------------ internals
     def _load_image(self, task: dict, label_map: LabelMap):
+        """The task image, decoded and scaled to MAX_PREDICT_PIXELS (in a pool thread)."""
         url = label_map.image_url(task)
         t0 = time.perf_counter()
         data = self.runtime.fetcher.fetch_bytes(url, task.get("id"))
         t1 = time.perf_counter()
-        from .images import decode_image
+        settings = self.runtime.settings
+        image = decode_image(data, settings.max_image_pixels)
+        scaled = fit_pixels(image, settings.max_predict_pixels)
+        return scaled, image.shape[:2], t1 - t0, time.perf_counter() - t1
 
-        image = decode_image(data, self.runtime.settings.max_image_pixels)
-        return image, t1 - t0, time.perf_counter() - t1
-
-    def _images(self, tasks, label_map, errors, timing, order) -> Iterator[np.ndarray]:
+    def _images(self, tasks, label_map, errors, timing) -> Iterator[NetworkInput]:
         """Task images in order, fetched and decoded a few ahead in threads; failures go to
         ``errors`` (logged with the task id) and are skipped."""
         window = max(2, 2 * self.runtime.settings.predict_batch_size)
@@ -497,9 +529,8 @@ class S4ALBackend(_Base):
         while pending:
             index, future = pending.popleft()
             submit_next()
-            t0 = time.perf_counter()
             try:
-                image, download, decode = future.result()
+                image, size, download, decode = future.result()
             except (ImageError, KeyError) as exc:
                 message = str(exc).strip("'\"")
                 logger.error("task %s: %s", tasks[index].get("id"), message)
@@ -509,22 +540,22 @@ class S4ALBackend(_Base):
                 logger.exception("task %s: image failed", tasks[index].get("id"))
                 errors[index] = f"image failed: {type(exc).__name__}"
                 continue
-            finally:
-                timing["wait_s"] += time.perf_counter() - t0
             timing["download_s"] += download
             timing["decode_s"] += decode
-            order.append(index)
-            yield image
+            yield NetworkInput(index, tasks[index].get("id"), image, size)
 
     @staticmethod
-    def _to_prediction(probs, label_map: LabelMap, lookup, version: str) -> dict:
+    def _to_prediction(probs, size: tuple[int, int], label_map: LabelMap, lookup,
+                       version: str) -> dict:
         confidence, classes = probs.max(dim=0)
         confidence = confidence.numpy()
         classes = classes.numpy()
         if lookup is not None:
             classes = lookup[classes]
+        # the network may have seen the image scaled down: the masks are at its own size
         return {
-            "result": mask_to_results(classes, label_map, confidence),
+            "result": mask_to_results(scale_to(classes, size), label_map,
+                                      scale_to(confidence, size)),
             "score": round(float(confidence.mean()), 4),
             "model_version": version,
         }

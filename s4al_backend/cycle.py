@@ -67,7 +67,7 @@ from . import history
 from . import store as store_module
 from .acquire import Acquisition
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask
-from .pool import PoolItem, holdout_score, is_region_task, pick_annotation
+from .pool import PoolItem, holdout_score, integer_id, is_region_task, pick_annotation
 from .settings import Settings
 from .studio import Studio
 
@@ -370,7 +370,9 @@ class Cycle:
             if not isinstance(annotation, dict):
                 continue
             reason = "cancelled (skipped)" if annotation.get("was_cancelled") else \
-                "empty result" if not annotation.get("result") else None
+                "empty result" if not annotation.get("result") else \
+                "not an integer annotation id (skipped)" if not integer_id(annotation) \
+                else None
             if reason:
                 self.skip(task.get("id"), reason, annotation.get("id"))
 

@@ -26,14 +26,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import cv2
 import numpy as np
 import requests
+import urllib3
 from PIL import Image
 
-from .settings import Settings
+from .settings import Settings, looks_like_token, redact_url
+from .urls import Origin, UnsafeURL, origin_of, parse_host_port
 
 __all__ = [
     "ImageCache",
@@ -97,10 +99,25 @@ class LabelStudioAuth:
         self._lock = threading.Lock()
         # the project owner's legacy token from /setup, used only without an API key
         self.fallback_token: str | None = None
+        self.fallback_refused = False  # Label Studio answered 401/403 to it
 
     def __repr__(self) -> str:
         kind = self._settings.api_key_kind
-        return f"LabelStudioAuth({self._settings.label_studio_url!r}, {kind})"
+        return f"LabelStudioAuth({redact_url(self._settings.label_studio_url)!r}, {kind})"
+
+    def offer_setup_token(self, token: object) -> str:
+        """/setup's token, adopted only without LABEL_STUDIO_API_KEY, only when well-formed
+        and only while none is held or Label Studio refused the one held: a caller of
+        /setup cannot swap out a working token. Returns adopted / kept / malformed /
+        unused."""
+        if self._settings.label_studio_api_key:
+            return "unused"
+        if not looks_like_token(token):
+            return "malformed"
+        if self.fallback_token is not None and not self.fallback_refused:
+            return "kept" if token != self.fallback_token else "adopted"
+        self.fallback_token, self.fallback_refused = str(token), False
+        return "adopted"
 
     @property
     def configured(self) -> bool:
@@ -127,7 +144,8 @@ class LabelStudioAuth:
             detail = getattr(exc, "status_code", None) or type(exc).__name__
             raise ImageDownloadError(
                 "could not exchange LABEL_STUDIO_API_KEY (a personal access token) for an "
-                f"access token at {self._settings.label_studio_url}/api/token/refresh/: {detail}",
+                "access token at "
+                f"{redact_url(self._settings.label_studio_url)}/api/token/refresh/: {detail}",
                 http_status=401,
             ) from None
         return {"Authorization": value}
@@ -269,8 +287,8 @@ class ImageFetcher:
         self.cache = ImageCache(settings.image_cache_dir, settings.image_cache_bytes)
         self._session_factory = session_factory
         self._local = threading.local()
-        self._ls_host = settings.label_studio_host
-        self._allowed = {self._ls_host, *settings.allowed_image_hosts}
+        self._ls = origin_of(settings.label_studio_url)
+        self._allowed = [parse_host_port(h) for h in settings.allowed_image_hosts]
 
     # --------------------------------------------------------------- URLs
     def _session(self) -> requests.Session:
@@ -290,7 +308,8 @@ class ImageFetcher:
             if task_id is None:
                 raise ImageRefused(f"a {scheme}:// image needs the task id to be presigned")
             fileuri = base64.urlsafe_b64encode(url.encode()).decode()
-            return f"{self.settings.label_studio_url}/tasks/{task_id}/presign/?fileuri={fileuri}"
+            task = quote(str(task_id), safe="")
+            return f"{self.settings.label_studio_url}/tasks/{task}/presign/?fileuri={fileuri}"
         if scheme in ("http", "https"):
             return url
         if scheme == "" and url.startswith("/") and not url.startswith("//"):
@@ -301,30 +320,43 @@ class ImageFetcher:
         )
 
     def is_allowed(self, url: str) -> bool:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            self._checked(url)
+        except ImageRefused:
             return False
-        netloc = parts.netloc.lower().rsplit("@", 1)[-1]
-        host = parts.hostname.lower()
-        return netloc in self._allowed or host in self._allowed
+        return True
 
-    def _is_label_studio(self, url: str) -> bool:
-        return urlsplit(url).netloc.lower().rsplit("@", 1)[-1] == self._ls_host
+    def _checked(self, url: str) -> Origin:
+        """The origin ``url`` reaches, if this backend may fetch it; else ImageRefused.
+        Label Studio's origin is scheme + host + port; an ALLOWED_IMAGE_HOSTS entry
+        without a port allows the scheme's default port only."""
+        try:
+            origin = origin_of(url)
+        except UnsafeURL as exc:
+            raise ImageRefused(f"image URL {_short(url)!r} refused: {exc}") from None
+        if origin[:3] == self._ls[:3] and origin.userinfo in (None, self._ls.userinfo):
+            return origin
+        if origin.userinfo is None and any(h.matches(origin) for h in self._allowed):
+            return origin
+        raise ImageRefused(
+            f"image host {origin.netloc!r} is neither Label Studio's ({self._ls.netloc}) "
+            "nor in ALLOWED_IMAGE_HOSTS (user:password@ in a URL counts as another host): "
+            "not fetched"
+        )
+
+    def _is_label_studio(self, origin: Origin) -> bool:
+        return origin[:3] == self._ls[:3]
 
     # --------------------------------------------------------------- fetching
     def fetch_bytes(self, url: str, task_id=None) -> bytes:
         """The image's bytes, from the cache or its host."""
         absolute = self.resolve(url, task_id)
-        if not self.is_allowed(absolute):
-            raise ImageRefused(
-                f"image host {urlsplit(absolute).netloc!r} is neither Label Studio's "
-                f"({self._ls_host}) nor in ALLOWED_IMAGE_HOSTS: not fetched"
-            )
+        origin = self._checked(absolute)
         key = url if urlsplit(url).scheme in CLOUD_SCHEMES else absolute
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        data = self._download(absolute)
+        data = self._download(origin)
         self.cache.put(key, data)
         return data
 
@@ -332,63 +364,111 @@ class ImageFetcher:
         """The task image as uint8 H x W x 3 RGB."""
         return decode_image(self.fetch_bytes(url, task_id), self.settings.max_image_pixels)
 
-    def _download(self, url: str) -> bytes:
-        session = self._session()
-        limit = self.settings.max_image_bytes
+    def _download(self, origin: Origin) -> bytes:
+        """GET the checked URL, following redirects by hand: every hop is checked like the
+        first, and credentials go only to a hop on Label Studio's origin. The whole
+        download (every hop, the body) has IMAGE_TIMEOUT seconds."""
+        deadline = _Deadline(self.settings.image_timeout)
         for _hop in range(MAX_REDIRECTS + 1):
-            headers = self.auth.header() if self._is_label_studio(url) else {}
+            url = origin.url
             started = time.perf_counter()
-            try:
-                response = session.get(
-                    url,
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                )
-            except requests.RequestException as exc:
-                raise ImageDownloadError(
-                    f"cannot reach {_short(url)}: {type(exc).__name__}"
-                ) from None
-            with response:
+            with self._get(origin, deadline) as response:
                 if response.is_redirect:
                     target = urljoin(url, response.headers.get("Location", ""))
-                    if not self.is_allowed(target):
-                        raise ImageRefused(
-                            f"{_short(url)} redirects to {urlsplit(target).netloc!r}, which "
-                            "is not an allowed image host (ALLOWED_IMAGE_HOSTS)"
-                        )
-                    url = target
+                    try:
+                        origin = self._checked(target)
+                    except ImageRefused as exc:
+                        raise ImageRefused(f"{_short(url)} redirects elsewhere: {exc}") from None
                     continue
-                if response.status_code != 200:
-                    hint = ""
-                    if response.status_code in (401, 403) and self._is_label_studio(url):
-                        hint = " (check LABEL_STUDIO_API_KEY; legacy tokens need " \
-                               "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN on the server)"
-                    raise ImageDownloadError(
-                        f"{_short(url)} answered HTTP {response.status_code}{hint}",
-                        http_status=response.status_code,
-                    )
-                length = response.headers.get("Content-Length")
-                if length and length.isdigit() and int(length) > limit:
-                    raise ImageTooLarge(
-                        f"image is {int(length)} bytes, over MAX_IMAGE_BYTES ({limit})"
-                    )
-                chunks, total = [], 0
-                try:
-                    for chunk in response.iter_content(_CHUNK):
-                        total += len(chunk)
-                        if total > limit:
-                            raise ImageTooLarge(f"image is over MAX_IMAGE_BYTES ({limit} bytes)")
-                        chunks.append(chunk)
-                except requests.RequestException as exc:
-                    raise ImageDownloadError(
-                        f"download of {_short(url)} broke off: {type(exc).__name__}"
-                    ) from None
-                logger.debug("fetched %s (%d bytes, %.3f s)", _short(url), total,
-                             time.perf_counter() - started)
-                return b"".join(chunks)
+                self._check_response(response, origin)
+                data = _read_body(response, url, self.settings.max_image_bytes, deadline)
+            logger.debug("fetched %s (%d bytes, %.3f s)", _short(url), len(data),
+                         time.perf_counter() - started)
+            return data
         raise ImageDownloadError(f"more than {MAX_REDIRECTS} redirects from {_short(url)}")
+
+    def _get(self, origin: Origin, deadline: _Deadline) -> requests.Response:
+        headers = self.auth.header() if self._is_label_studio(origin) else {}
+        remaining = deadline.remaining(origin.url)
+        try:
+            return self._session().get(
+                origin.url,
+                headers=headers,
+                stream=True,
+                allow_redirects=False,
+                timeout=(min(CONNECT_TIMEOUT, remaining), min(READ_TIMEOUT, remaining)),
+            )
+        except requests.RequestException as exc:
+            deadline.remaining(origin.url)  # a timeout past the deadline says so
+            raise ImageDownloadError(
+                f"cannot reach {_short(origin.url)}: {type(exc).__name__}"
+            ) from None
+
+    def _check_response(self, response: requests.Response, origin: Origin) -> None:
+        if response.status_code != 200:
+            hint = ""
+            if response.status_code in (401, 403) and self._is_label_studio(origin):
+                self.auth.fallback_refused = self.auth.fallback_token is not None
+                hint = " (check LABEL_STUDIO_API_KEY; legacy tokens need " \
+                       "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN on the server)"
+            raise ImageDownloadError(
+                f"{_short(origin.url)} answered HTTP {response.status_code}{hint}",
+                http_status=response.status_code,
+            )
+        limit = self.settings.max_image_bytes
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > limit:
+            raise ImageTooLarge(f"image is {int(length)} bytes, over MAX_IMAGE_BYTES ({limit})")
+
+
+class _Deadline:
+    """One download's time budget (IMAGE_TIMEOUT), across hops and body reads."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self, url: str) -> float:
+        """Seconds left; ImageDownloadError (504) once none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise ImageDownloadError(
+                f"download of {_short(url)} took longer than IMAGE_TIMEOUT "
+                f"({self.seconds} s): the image host is too slow; raise IMAGE_TIMEOUT if "
+                "it is expected",
+                http_status=504,
+            )
+        return left
+
+
+def _read_body(response: requests.Response, url: str, limit: int, deadline: _Deadline) -> bytes:
+    """The body, at most ``limit`` bytes, within the deadline. ``read1`` returns whatever
+    one socket read brings, so a body trickled a byte at a time still meets the deadline
+    (a plain ``read(n)`` waits for all ``n`` bytes); the socket's timeout shrinks to the
+    time left before each read."""
+    chunks, total = [], 0
+    raw = response.raw
+    while True:
+        _set_socket_timeout(raw, deadline.remaining(url))
+        try:
+            chunk = raw.read1(_CHUNK, decode_content=True)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            deadline.remaining(url)
+            raise ImageDownloadError(
+                f"download of {_short(url)} broke off: {type(exc).__name__}"
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise ImageTooLarge(f"image is over MAX_IMAGE_BYTES ({limit} bytes)")
+        chunks.append(chunk)
+
+
+def _set_socket_timeout(raw, seconds: float) -> None:
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def _short(url: str, limit: int = 120) -> str:

@@ -59,6 +59,8 @@ DEFAULT_RUNNER = "s4al_backend.cycle:run_cycle"
 JOB_FUNCTION = "s4al_backend.jobs.run_cycle_job"
 
 RETRY_INTERVALS: tuple[int, ...] = (30, 120, 600)  # seconds before retry 1, 2, 3
+WEB_REDIS_CONNECTIONS = 100  # per web process; more requests wait for a free one
+WEB_REDIS_TIMEOUT = 0.75  # seconds: each Redis call of a web request, and the pool wait
 LOCK_TTL = 60.0  # seconds a dead worker's lock outlives it
 LOCK_WAIT = 5.0  # seconds a job waits before putting itself back when the lock is held
 MARKER_GRACE = 30.0  # a queued marker younger than this is trusted even before its job exists
@@ -72,6 +74,9 @@ class QueueUnavailable(RuntimeError):
     """The queue (Redis) cannot take the request; the web layer answers 503."""
 
 
+_MAX_PROJECT_ID = 10**18  # Label Studio's ids are database integers
+
+
 def project_of(data: Any) -> int | None:
     """The project id of a webhook body: `project` is an object with `id` (1.23), an id,
     or a `task`'s project."""
@@ -83,11 +88,11 @@ def project_of(data: Any) -> int | None:
             candidate = candidate.get("id")
         if isinstance(candidate, bool):
             continue
-        if isinstance(candidate, int):
+        if isinstance(candidate, int) and 0 <= candidate < _MAX_PROJECT_ID:
             return candidate
         if isinstance(candidate, str):
             head = candidate.split(".", 1)[0]  # /setup's "<id>.<timestamp>"
-            if head.isdigit():
+            if head.isascii() and head.isdigit() and len(head) <= 18:
                 return int(head)
     return None
 
@@ -227,8 +232,9 @@ class Jobs:
                     "message": "no project id in the webhook body"}
         if event == START_EVENT:
             return {"event": event, **self.request_cycle(project, "START_TRAINING")}
-        count = max(1, len(data.get("annotations") or [])) if event == "ANNOTATIONS_DELETED" \
-            else 1
+        deleted = data.get("annotations")
+        count = max(1, len(deleted)) if event == "ANNOTATIONS_DELETED" and isinstance(
+            deleted, list) else 1
         pending = self._add_pending(project, count)
         threshold = int(self.settings.train_after_annotations)
         if threshold <= 0 or pending < threshold:
@@ -363,6 +369,23 @@ class LockKeeper:
             log.warning("could not release lock %s (it expires by itself): %s", self.key, exc)
 
 
+def web_connection(url: str):
+    """The web side's Redis client. The webhook answers within Label Studio's ~1 s: short
+    timeouts and no retries, so a frozen Redis is a 503 within a second; and a pool that
+    waits for a free connection rather than failing, so a burst of webhooks beyond the
+    pool's size is served, not answered 503 (and its annotations' triggers lost)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=WEB_REDIS_CONNECTIONS, timeout=WEB_REDIS_TIMEOUT,
+        socket_connect_timeout=WEB_REDIS_TIMEOUT, socket_timeout=WEB_REDIS_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
 class RedisJobs(Jobs):
     kind = "redis"
 
@@ -383,10 +406,7 @@ class RedisJobs(Jobs):
 
         self.lock_ttl = lock_ttl
         self.lock_wait = lock_wait
-        # the webhook answers within Label Studio's ~1 s: short timeouts on this side
-        self.connection = connection or redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0
-        )
+        self.connection = connection or web_connection(settings.redis_url)
         self.queue = Queue(settings.queue_name, connection=self.connection,
                            default_timeout=settings.job_timeout)
         self._errors = (redis.exceptions.RedisError, OSError)
@@ -434,6 +454,10 @@ class RedisJobs(Jobs):
             if marker:
                 job_id, stamp = marker
                 status = self._pending_job(job_id)
+                if status == "scheduled" and reason == START_EVENT:
+                    self._run_retry_now(job_id)
+                    return {"status": "coalesced", "project": project, "job_id": job_id,
+                            "message": "the retry waiting for its backoff runs now"}
                 if status or time.time() - stamp < MARKER_GRACE:
                     return {"status": "coalesced", "project": project, "job_id": job_id,
                             "message": f"a cycle is already queued ({status or 'queued'})"}
@@ -453,6 +477,18 @@ class RedisJobs(Jobs):
                     "message": f"training queued ({reason})" if reason else "training queued"}
         return {"status": "coalesced", "project": project,
                 "message": "a cycle is being queued concurrently"}
+
+    def _run_retry_now(self, job_id: str) -> None:
+        """*Start Training* while a failed cycle waits for its retry backoff (30 s to
+        10 min): the user has fixed the fault, so the retry is due now (the scheduler
+        queues it within a second)."""
+        from datetime import datetime, timezone
+
+        from rq.job import Job
+
+        job = Job.fetch(job_id, connection=self.connection)
+        self.queue.schedule_job(job, datetime.now(timezone.utc))
+        log.info("project job %s: retry brought forward (START_TRAINING)", job_id)
 
     def enqueue(self, project: int, reason: str, job_id: str):
         from rq import Retry
@@ -661,6 +697,7 @@ class LocalJobs(Jobs):
         self._state: dict[int, dict] = {}
         self._queue: queue_module.Queue = queue_module.Queue()
         self._timers: list[threading.Timer] = []
+        self._retry_timers: dict[int, threading.Timer] = {}  # per project, until it fires
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="s4al-jobs", daemon=True)
         self._thread.start()
@@ -680,9 +717,20 @@ class LocalJobs(Jobs):
     def request_cycle(self, project: int, reason: str = "") -> dict:
         with self._lock:
             state = self._project(project)
-            if state["queued"] is not None:
+            queued = state["queued"]
+            if queued is not None:
+                timer = self._retry_timers.pop(project, None)
+                if reason == START_EVENT and timer is not None:
+                    timer.cancel()  # the fault is fixed: the retry runs now
+                    queued.pop("retry_at", None)
+                    self._queue.put(project)
+                    return {"status": "coalesced", "project": project,
+                            "job_id": queued["job_id"],
+                            "message": "the retry waiting for its backoff runs now"}
+                if timer is not None:
+                    self._retry_timers[project] = timer
                 return {"status": "coalesced", "project": project,
-                        "job_id": state["queued"]["job_id"],
+                        "job_id": queued["job_id"],
                         "message": "a cycle is already queued"}
             job_id = new_job_id("local", project)
             state["queued"] = {"job_id": job_id, "since": time.time(), "reason": reason,
@@ -781,13 +829,17 @@ class LocalJobs(Jobs):
                            "retry_at": time.time() + delay}
 
         def fire():
-            if not self._closed:
-                self._queue.put(project)
+            with self._lock:  # unless *Start Training* already ran it
+                if self._closed or self._retry_timers.get(project) is not timer:
+                    return
+                del self._retry_timers[project]
+            self._queue.put(project)
 
         timer = threading.Timer(delay, fire)
         timer.daemon = True
         timer.start()
         self._timers.append(timer)
+        self._retry_timers[project] = timer
 
     def _lock_path(self, project: int) -> Path:
         return Path(self.settings.model_dir) / "locks" / f"project-{project}.lock"

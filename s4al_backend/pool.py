@@ -55,8 +55,16 @@ def pick_annotation(task: dict) -> dict | None:
     candidates = [
         a for a in task.get("annotations") or []
         if isinstance(a, dict) and not a.get("was_cancelled") and a.get("result")
+        and integer_id(a)
     ]
     if not candidates:
         return None
     return max(candidates, key=lambda a: (bool(a.get("ground_truth")),
-                                          str(a.get("updated_at") or ""), int(a.get("id") or 0)))
+                                          str(a.get("updated_at") or ""), int(a["id"])))
+
+
+def integer_id(annotation: dict) -> bool:
+    """Label Studio's annotation ids are integers; anything else is skipped (logged as
+    such) rather than failing the cycle."""
+    value = annotation.get("id")
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -60,8 +60,11 @@ class Settings:
     model_dir: Path = Path("model_dir")
     device: str = "auto"
     predict_batch_size: int = 4
+    predict_concurrency: int = 4
     max_image_bytes: int = 30 * _MIB
     max_image_pixels: int = 40_000_000
+    max_predict_pixels: int = 2_500_000
+    image_timeout: int = 30
     image_cache_dir: Path | None = None  # None: MODEL_DIR/image_cache
     image_cache_mb: int = 1024
     backbone_weights: str = "auto"
@@ -108,8 +111,11 @@ class Settings:
             "model_dir": model_dir,
             "device": read.device("DEVICE"),
             "predict_batch_size": read.integer("PREDICT_BATCH_SIZE", 4, minimum=1),
+            "predict_concurrency": read.integer("PREDICT_CONCURRENCY", 4, minimum=1),
             "max_image_bytes": read.size("MAX_IMAGE_BYTES", 30 * _MIB),
             "max_image_pixels": read.count("MAX_IMAGE_PIXELS", 40_000_000),
+            "max_predict_pixels": read.count("MAX_PREDICT_PIXELS", 2_500_000),
+            "image_timeout": read.integer("IMAGE_TIMEOUT", 30, minimum=1),
             "image_cache_dir": read.path("IMAGE_CACHE_DIR", model_dir / "image_cache"),
             "image_cache_mb": read.integer("IMAGE_CACHE_MB", 1024, minimum=0),
             "backbone_weights": read.backbone("BACKBONE_WEIGHTS"),
@@ -136,6 +142,11 @@ class Settings:
             "job_timeout": read.integer("JOB_TIMEOUT", 7200, minimum=1),
             "num_gpus": read.integer("NUM_GPUS", 1, minimum=1),
         }
+        if ":" in values["basic_auth_user"] or not values["basic_auth_user"].isprintable():
+            raise SettingsError(
+                "BASIC_AUTH_USER: must not contain ':' or control characters (HTTP basic "
+                "auth sends user:password, so no client could ever log in)"
+            )
         if bool(values["basic_auth_user"]) != bool(values["basic_auth_pass"]):
             missing = "BASIC_AUTH_PASS" if values["basic_auth_user"] else "BASIC_AUTH_USER"
             raise SettingsError(
@@ -191,7 +202,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("label_studio_api_key", "basic_auth_pass"):
                 value = "(set)" if value else ""
-            elif f.name == "redis_url":
+            elif f.name in ("redis_url", "label_studio_url"):
                 value = redact_url(value)
             elif isinstance(value, Path):
                 value = str(value)
@@ -206,18 +217,37 @@ class Settings:
         return f"Settings({shown})"
 
 
+def looks_like_token(value: object) -> bool:
+    """A legacy token or a JWT as Label Studio issues them: token characters only (never
+    a CR/LF that would break every request it goes into), of a sane length."""
+    if not isinstance(value, str) or not 16 <= len(value) <= 4096:
+        return False
+    return bool(_HEX40.fullmatch(value) or _TOKEN_CHARS.fullmatch(value)
+                or _JWT.fullmatch(value))
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
+    """The URL fit for logs and replies: user information (``user:password@``, or a lone
+    ``password@`` as Redis URLs allow) and every query value (``?password=``) replaced
+    by ***; the user name is kept when a password follows it."""
     if not url:
         return url
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a malformed URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
+    query = "&".join(
+        f"{key}=***" if has_value else key
+        for key, has_value, _ in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class _Reader:
@@ -323,11 +353,12 @@ class _Reader:
         def parse(value: str) -> str:
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"expected an http(s) URL like http://host:8080, got {value!r}")
+                raise ValueError("expected an http(s) URL like http://host:8080, got "
+                                 f"{redact_url(value)!r}")
             try:
                 parts.port  # noqa: B018  (raises on a malformed port)
             except ValueError:
-                raise ValueError(f"malformed port in {value!r}") from None
+                raise ValueError(f"malformed port in {redact_url(value)!r}") from None
             return value.rstrip("/")
 
         return self._parse(name, default, parse)
@@ -342,7 +373,8 @@ class _Reader:
                 if "://" in item:
                     item = urlsplit(item).netloc
                 if not _HOST.fullmatch(item):
-                    raise ValueError(f"expected host or host:port names, got {item!r}")
+                    shown = redact_url(f"//{item}")[2:]  # never echo user:password@
+                    raise ValueError(f"expected host or host:port names, got {shown!r}")
                 hosts.append(item)
             return tuple(hosts)
 

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,9 @@ __all__ = ["ModelStore", "project_key", "project_store", "resolve_current", "sha
 logger = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"v(\d+)-[0-9A-Za-z._-]+")
-_PROJECT = re.compile(r"[0-9A-Za-z_-]+")
+_PROJECT = re.compile(r"[0-9A-Za-z_-]{1,64}")  # a folder name: never too long for one
 CHECKPOINT_SUFFIX = ".pt"
+STALE_TEMP_S = 3600  # a temp file this old belongs to a write that was killed
 META_SUFFIX = ".json"
 
 
@@ -162,7 +164,9 @@ class ModelStore:
         atomic_write_bytes(self.pointer, (version + "\n").encode("utf-8"))
 
     def prune(self) -> list[str]:
-        """Delete all but the newest ``keep`` versions, never the current one."""
+        """Delete all but the newest ``keep`` versions, never the current one, and the
+        temp files of writes that a killed process left behind."""
+        self.remove_stale_temp_files()
         current = self.current()
         versions = self.versions()
         removed = []
@@ -175,6 +179,24 @@ class ModelStore:
             except FileNotFoundError:
                 pass
             self.meta_path(version).unlink(missing_ok=True)
+        return removed
+
+    def remove_stale_temp_files(self, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+        """``.<name>.<random>.tmp`` files (model.atomic's) last written over
+        ``older_than_s`` ago: a write killed midway. A live write is seconds old."""
+        removed = []
+        cutoff = time.time() - older_than_s
+        for folder in (self.root, self.versions_dir):
+            for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed.append(path)
+                except FileNotFoundError:
+                    continue
+        if removed:
+            logger.warning("removed %d temp file(s) of interrupted writes in %s", len(removed),
+                           self.root)
         return removed
 
     def save(self, model, classes: list[str], meta: dict[str, Any] | None = None,

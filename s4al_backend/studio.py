@@ -27,6 +27,8 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from .settings import redact_url
+
 log = logging.getLogger(__name__)
 
 NO_RETRY = {"max_retries": 0}
@@ -95,7 +97,8 @@ class Studio:
             return StudioError(f"Label Studio refused {what} ({status}): {exc.body}", status)
         if isinstance(exc, httpx.HTTPError):
             return StudioError(
-                f"Label Studio unreachable at {self.url} ({what}): {type(exc).__name__} {exc}"
+                f"Label Studio unreachable at {redact_url(self.url)} ({what}): "
+                f"{type(exc).__name__} {exc}"
             )
         return StudioError(f"Label Studio call failed ({what}): {type(exc).__name__} {exc}")
 

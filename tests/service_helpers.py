@@ -66,7 +66,8 @@ class FileServer:
     ``Authorization`` header Label Studio would accept: ``Token <LEGACY_KEY>`` or
     ``Bearer <access>`` for an access token this server handed out at
     ``/api/token/refresh/``. ``/public/...`` needs nothing. ``/redirect?to=<url>`` answers
-    302; ``/status/<code>`` answers that code. Every request is recorded in ``requests``
+    302; ``/status/<code>`` answers that code; ``/slow/<n>?every=<s>`` trickles n bytes,
+    one every s seconds. Every request is recorded in ``requests``
     as ``(method, path, authorization header or None)``.
     """
 
@@ -92,6 +93,16 @@ class FileServer:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
+
+            def _trickle(self, size: int, every: float):
+                """``size`` bytes announced, then sent one every ``every`` seconds."""
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                for _ in range(size):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(every)
 
             def do_POST(self):
                 auth = self.headers.get("Authorization")
@@ -120,6 +131,9 @@ class FileServer:
                     return self._send(302, b"", {"Location": target})
                 if parts.path.startswith("/status/"):
                     return self._send(int(parts.path.rsplit("/", 1)[1]), b"nope")
+                if parts.path.startswith("/slow/"):
+                    return self._trickle(int(parts.path.rsplit("/", 1)[1]),
+                                         float(parse_qs(parts.query)["every"][0]))
                 if parts.path.startswith("/data/") and not server.authorized(auth):
                     return self._send(401, b'{"detail": "no credentials"}',
                                       {"Content-Type": "application/json"})

@@ -543,3 +543,260 @@ def test_torch_threads_change_only_when_torch_threads_says_so(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_predict_never_sends_the_key_to_a_host_hidden_behind_a_backslash(client, server,
+                                                                          settings):
+    save_model(settings)
+    with FileServer() as foreign:
+        tasks = [{"id": 7, "data": {"image": f"http://{foreign.host}\\@{server.host}"
+                                              "/data/upload/1/x.png"}}]
+        reply = predict(client, tasks)
+        assert foreign.requests == []
+    assert reply.status_code == 200
+    assert "ambiguously" in reply.get_json()["results"][0]["error"]
+
+
+# --------------------------------------------------------------------- bounded requests
+def test_a_slow_image_never_stalls_other_predicts(tmp_path, server, camvid_images):
+    import threading
+    from dataclasses import replace
+
+    settings = replace(make_settings(tmp_path, server), image_timeout=3)
+    save_model(settings)
+    app = create_app(settings)
+    good = tasks_for(server)
+    slow = {"id": 50, "data": {"image": "/slow/40?every=0.25"}}  # 10 s if let run
+    replies = {}
+
+    def slow_request():
+        t0 = time.monotonic()
+        replies["slow"] = predict(app.test_client(), [slow, good[0]])
+        replies["slow_s"] = time.monotonic() - t0
+
+    predict(app.test_client(), good[:1])  # model loaded before timing anything
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    quick = predict(app.test_client(), good[1:2])
+    quick_s = time.monotonic() - t0
+    thread.join(timeout=30)
+    assert quick.status_code == 200 and quick.get_json()["results"][0]["result"]
+    assert quick_s < 2.0, f"a small /predict waited {quick_s:.1f} s behind a slow image"
+    results = replies["slow"].get_json()["results"]
+    assert "IMAGE_TIMEOUT (3 s)" in results[0]["error"] and results[1]["result"]
+    assert replies["slow_s"] < 5.0
+
+
+def big_png(height: int, width: int) -> bytes:
+    """A few KB of PNG that decodes to height x width: stripes compress to nothing."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2] = (128, 128, 128)
+    return png_bytes(image)
+
+
+def test_a_large_image_is_scaled_down_for_the_network(tmp_path, server, camvid_images):
+    from dataclasses import replace
+
+    settings = replace(make_settings(tmp_path, server), max_predict_pixels=60_000)
+    save_model(settings)
+    app = create_app(settings)
+    data = server.add("/data/upload/1/big.png", big_png(900, 1600))
+    assert len(data) < 20_000
+    seen = []
+    runtime = app.extensions["s4al"]
+    tasks = tasks_for(server)[:1] + [{"id": 60, "data": {"image": data}}]
+    predict(app.test_client(), tasks[:1])
+    model = runtime.model_for("1").model
+    hook = model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    try:
+        reply = predict(app.test_client(), tasks)
+    finally:
+        hook.remove()
+    results = reply.get_json()["results"]
+    assert reply.status_code == 200 and results[1]["result"]
+    assert all(n * h * w <= 60_000 for n, _, h, w in seen), seen
+    assert (1, 3, 183, 326) in seen  # 900 x 1600 scaled by sqrt(60000 / 1440000)
+    first = results[1]["result"][0]
+    assert (first["original_height"], first["original_width"]) == (900, 1600)
+    mask = rle.decode(first["value"]["rle"], 900, 1600)
+    assert mask.shape == (900, 1600) and mask.any()
+
+
+def test_a_forward_failure_fails_only_its_own_task(client, server, settings, caplog):
+    save_model(settings)
+    data = server.add("/data/upload/1/big.png", big_png(240, 320))
+    tasks = tasks_for(server)[:2] + [{"id": 70, "data": {"image": data}}]
+    predict(client, tasks[:1])
+    model = client.application.extensions["s4al"].model_for("1").model
+
+    def out_of_memory(_module, args):  # what torch raises when an allocation fails
+        if args[0].shape[-1] == 320:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    hook = model.register_forward_pre_hook(out_of_memory)
+    try:
+        reply = predict(client, tasks)
+    finally:
+        hook.remove()
+    results = reply.get_json()["results"]
+    assert reply.status_code == 200
+    assert results[0]["result"] and results[1]["result"]
+    assert "MAX_PREDICT_PIXELS" in results[2]["error"] and results[2]["result"] == []
+
+
+# --------------------------------------------------------------------- secrets (issue 14)
+SECRET = "S3cretPw-7731"
+SECRET_REDIS_URLS = [f"redis://127.0.0.1:1/0?password={SECRET}",  # nothing listens on :1
+                     f"redis://{SECRET}@127.0.0.1:1/0", f"redis://:{SECRET}@127.0.0.1:1/0"]
+
+
+@pytest.mark.parametrize("redis_url", SECRET_REDIS_URLS)
+def test_redis_password_never_in_replies_or_logs(tmp_path, server, caplog, redis_url):
+    settings = make_settings(tmp_path, server, redis_url=redis_url,
+                             label_studio_url=f"http://ls-user:{SECRET}@{server.host}")
+    with caplog.at_level(logging.DEBUG):
+        client = create_app(settings).test_client()
+        webhook = client.post("/webhook", json={"action": "START_TRAINING",
+                                                "project": {"id": 3}})
+        status = client.get("/status?project=3")
+    assert webhook.status_code == 503 and "Redis unavailable" in webhook.get_json()["error"]
+    assert "Redis unavailable" in status.get_json()["training"]["error"]
+    text = (webhook.get_data(as_text=True) + status.get_data(as_text=True) + repr(settings)
+            + "\n".join(r.getMessage() for r in caplog.records))
+    assert SECRET not in text
+
+
+def test_settings_log_line_and_config_errors_hide_passwords(tmp_path):
+    port = free_port()
+    env = service_env(tmp_path, REDIS_URL=SECRET_REDIS_URLS[0],
+                      LABEL_STUDIO_URL=f"http://u:{SECRET}@127.0.0.1:9")
+    process = subprocess.Popen([sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port",
+                                str(port)], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_health(port, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        log = process.communicate(timeout=15)[1]
+    assert "settings: Settings(" in log and "password=***" in log and SECRET not in log
+    for name, value in (("LABEL_STUDIO_URL", f"ftp://u:{SECRET}@ls"),
+                        ("LABEL_STUDIO_URL", f"http://u:{SECRET}@ls:99999"),
+                        ("REDIS_URL", f"mysql://u:{SECRET}@db"),
+                        ("ALLOWED_IMAGE_HOSTS", f"http://u:{SECRET}@bucket")):
+        done = subprocess.run([sys.executable, "_wsgi.py", "--port", str(free_port())],
+                              cwd=ROOT, env=service_env(tmp_path, **{name: value}),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"configuration error: {name}" in done.stderr
+        assert SECRET not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("redis_url", SECRET_REDIS_URLS[:2])
+def test_worker_never_prints_the_redis_password(tmp_path, redis_url):
+    done = subprocess.run([sys.executable, "-m", "s4al_backend.worker", "--burst"], cwd=ROOT,
+                          env=service_env(tmp_path, REDIS_URL=redis_url),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Redis unavailable at redis://" in done.stderr
+    assert SECRET not in done.stderr + done.stdout
+
+
+# --------------------------------------------------------------------- bounded memory
+def test_label_configs_of_many_projects_stay_bounded(client):
+    import gc
+    import tracemalloc
+
+    from s4al_backend.backend import MAX_REMEMBERED_CONFIG_BYTES
+
+    padding = "x" * (1024 * 1024)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for project in range(60):  # 60 MB of distinct label configs
+            schema = CONFIG.replace("<View>", f"<View><!-- {project} {padding} -->")
+            reply = client.post("/setup", json={"project": str(100 + project), "schema": schema})
+            assert reply.status_code == 200
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < MAX_REMEMBERED_CONFIG_BYTES + 8 * 1024 * 1024, f"+{grown / 2**20:.0f} MB kept"
+    # the most recent projects' configs are still remembered: /predict without a config
+    assert predict(client, [], config=None, project="159").status_code == 200
+    assert predict(client, [], config=None, project="100").status_code == 400
+
+
+# --------------------------------------------------------------------- malformed input
+DEEP_JSON = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook"])
+def test_deeply_nested_json_is_a_400(client, path):
+    reply = client.post(path, data=DEEP_JSON, content_type="application/json")
+    assert reply.status_code == 400 and "nested too deeply" in reply.get_json()["error"]
+
+
+@pytest.mark.parametrize("project", ["x" * 300, "1" * 300, "9" * 5000, {"id": 10**400},
+                                     {"id": "x" * 300}])
+def test_absurd_project_ids_are_a_400(client, project):
+    replies = [
+        client.post("/setup", json={"project": project, "schema": CONFIG}),
+        predict(client, [], project=project),
+        client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": project}),
+        client.get("/status", query_string={"project": str(project)}),
+    ]
+    for reply in replies:
+        assert reply.status_code == 400, (reply.request.path, reply.get_json())
+        assert "not a project id" in reply.get_json()["error"]
+
+
+@pytest.mark.parametrize("annotations", [5, "x", {"id": 1}, None])
+def test_annotations_deleted_with_a_malformed_list_counts_one(client, annotations):
+    reply = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 77},
+                                          "annotations": annotations})
+    assert reply.status_code == 200 and reply.get_json()["status"] == "counted"
+
+
+# --------------------------------------------------------------------- /setup's token (issue 14)
+def test_setup_cannot_swap_or_break_the_image_token(tmp_path, server, caplog):
+    settings = make_settings(tmp_path, server, label_studio_api_key="", image_cache_mb=0)
+    save_model(settings)
+    client = create_app(settings).test_client()
+    tasks = tasks_for(server)[:1]  # fetched again by every /predict (no image cache)
+
+    def setup(token, hostname="http://elsewhere:8080"):
+        return client.post("/setup", json={"project": PROJECT, "schema": CONFIG,
+                                           "hostname": hostname, "access_token": token})
+
+    with caplog.at_level(logging.INFO):
+        assert setup(LEGACY_KEY).status_code == 200
+        assert predict(client, tasks).get_json()["results"][0]["result"]
+        assert setup("evil\r\nX-Injected: 1" + "a" * 20).status_code == 200  # malformed
+        assert predict(client, tasks).get_json()["results"][0]["result"]
+        assert setup("f" * 40).status_code == 200  # well-formed, but ours still works
+        assert predict(client, tasks).get_json()["results"][0]["result"]
+        assert setup(LEGACY_KEY, hostname="http://x\r\n[ERROR] forged line").status_code == 200
+    assert server.requests[-1][2] == f"Token {LEGACY_KEY}"
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("\n" in m for m in messages if "forged line" in m)
+    assert any("malformed access token" in m for m in messages)
+
+
+def test_a_refused_setup_token_is_replaced_by_the_next(tmp_path, server):
+    settings = make_settings(tmp_path, server, label_studio_api_key="", image_cache_mb=0)
+    save_model(settings)
+    client = create_app(settings).test_client()
+    tasks = tasks_for(server)[:1]
+    client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "access_token": "f" * 40})
+    assert "HTTP 401" in predict(client, tasks).get_json()["results"][0]["error"]
+    client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "access_token": LEGACY_KEY})
+    assert predict(client, tasks).get_json()["results"][0]["result"]
+
+
+def test_basic_auth_user_with_a_colon_stops_the_start(tmp_path):
+    env = service_env(tmp_path, BASIC_AUTH_USER="team:ls", BASIC_AUTH_PASS="pw-123")
+    done = subprocess.run([sys.executable, "_wsgi.py", "--port", str(free_port())], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "configuration error: BASIC_AUTH_USER: must not contain ':'" in done.stderr

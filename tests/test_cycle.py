@@ -410,3 +410,38 @@ def test_tsf_plar_cycle_acquires_queued_pixels_first(studio, tmp_path):
         shares.append(share)
     everywhere = np.mean([q.mean() for q in queued.values()])
     assert max(shares) > 0 and np.mean(shares) > everywhere
+
+
+def test_cycle_never_sends_the_key_to_a_host_hidden_in_task_data(studio, tmp_path):
+    from tests.service_helpers import FileServer
+
+    project, ids, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED[:2])
+    host = studio.url.split("://", 1)[1]
+    with FileServer() as foreign:
+        url = f"http://{foreign.host}\\@{host}" + studio.tasks[ids[NAMES[0]]]["data"]["image"]
+        task = studio.add_task(project, {"image": url})
+        cycle = Cycle(Settings.from_env(env_for(studio, tmp_path)), project)
+        pool, _ = cycle.split(cycle.studio.tasks(project), LabelMap.from_config(
+            studio.projects[project]["label_config"]))
+        cycle.load_images(pool)
+        assert foreign.requests == []
+    assert any(s["task"] == task and "ambiguously" in s["reason"] for s in cycle.skipped)
+
+
+def test_an_annotation_with_a_non_integer_id_is_skipped(studio, tmp_path):
+    project, ids, samples = camvid_project(studio, CAMVID, annotated=ANNOTATED[:3])
+    label_map = LabelMap.from_config(studio.projects[project]["label_config"])
+    odd = ids[ANNOTATED[0]]
+    studio.tasks[odd]["annotations"][0]["id"] = "not-a-number"
+    twice = ids[ANNOTATED[1]]  # a second, broken annotation beside a good one
+    studio.add_annotation(twice, mask_to_results(samples[1].mask, label_map))
+    studio.tasks[twice]["annotations"][-1]["id"] = {"id": 5}
+    cycle = Cycle(Settings.from_env(env_for(studio, tmp_path)), project)
+    pool, regions = cycle.split(cycle.studio.tasks(project), label_map)
+    cycle.load_images(pool)
+    cycle.build_labels(pool, regions, label_map)
+    cycle.fingerprint(label_map, pool)
+    labelled = sorted(i.id for i in pool.values() if i.labelled)
+    assert labelled == sorted([ids[ANNOTATED[1]], ids[ANNOTATED[2]]])
+    assert any(s["task"] == odd and "not an integer annotation id" in s["reason"]
+               for s in cycle.skipped)

@@ -4,6 +4,7 @@ included), size caps, decoding, the disk cache."""
 
 import base64
 import io
+import time
 import zlib
 
 import numpy as np
@@ -220,3 +221,71 @@ def test_cache_size_cap_evicts_least_recently_used(tmp_path):
     assert 4 in kept and 0 not in kept
     cache.put("http://ls/huge", bytes(5000))  # larger than the whole cache: not stored
     assert cache.get("http://ls/huge") is None
+
+
+# ------------------------------------------------------------- the API key stays home (issue 14)
+def backslash_url(foreign: FileServer, ls: FileServer, path: str) -> str:
+    """urlsplit reads Label Studio's host here; requests connects to ``foreign``."""
+    return f"http://{foreign.host}\\@{ls.host}{path}"
+
+
+def test_backslash_userinfo_trick_never_sends_the_key_abroad(tmp_path, server, image):
+    path = server.add("/data/upload/1/a.png", png_bytes(image))
+    fetcher = ImageFetcher(make_settings(tmp_path, server))
+    with FileServer() as foreign:
+        with pytest.raises(ImageRefused, match="ambiguously"):
+            fetcher.fetch_bytes(backslash_url(foreign, server, path))
+        assert foreign.requests == []
+    assert server.requests == []
+
+
+def test_redirect_hop_decided_like_the_client(tmp_path, server, image):
+    path = server.add("/data/upload/1/a.png", png_bytes(image))
+    fetcher = ImageFetcher(make_settings(tmp_path, server))
+    with FileServer() as foreign:
+        target = backslash_url(foreign, server, path)
+        with pytest.raises(ImageRefused, match="redirects elsewhere"):
+            fetcher.fetch_bytes(f"/redirect?to={target}")
+        assert foreign.requests == []
+
+
+def test_a_label_studio_url_without_port_allows_only_the_default_port(tmp_path, image):
+    with FileServer() as other:
+        url = other.url + other.add("/public/a.png", png_bytes(image))
+        # LABEL_STUDIO_URL names the host alone: port 80, not any port of that host
+        fetcher = ImageFetcher(make_settings(tmp_path, label_studio_url="http://127.0.0.1"))
+        with pytest.raises(ImageRefused, match="ALLOWED_IMAGE_HOSTS"):
+            fetcher.fetch_bytes(url)
+        allowed = ImageFetcher(make_settings(tmp_path, label_studio_url="http://127.0.0.1",
+                                             allowed_image_hosts=("127.0.0.1",)))
+        with pytest.raises(ImageRefused):  # a listed host without a port: its default port
+            allowed.fetch_bytes(url)
+        assert other.requests == []
+
+
+def test_credentials_in_a_task_url_are_refused(tmp_path, server, image):
+    path = server.add("/data/upload/1/a.png", png_bytes(image))
+    fetcher = ImageFetcher(make_settings(tmp_path, server))
+    with pytest.raises(ImageRefused, match="user:password"):
+        fetcher.fetch_bytes(f"http://someone:secret@{server.host}{path}")
+    assert server.requests == []
+
+
+def test_presign_task_id_is_escaped(tmp_path, server, image):
+    uri = "s3://bucket/a.png"
+    encoded = base64.urlsafe_b64encode(uri.encode()).decode()
+    fetcher = ImageFetcher(make_settings(tmp_path, server))
+    with pytest.raises(ImageDownloadError, match="HTTP 404"):
+        fetcher.fetch_bytes(uri, task_id="7/../../data/upload/1/a.png?")
+    assert server.requests[-1][1] == (
+        f"/tasks/7%2F..%2F..%2Fdata%2Fupload%2F1%2Fa.png%3F/presign/?fileuri={encoded}")
+
+
+def test_a_trickled_image_fails_at_the_overall_deadline(tmp_path, server):
+    # 1 byte / 0.2 s never trips a per-read timeout; 50 bytes would take 10 s
+    fetcher = ImageFetcher(make_settings(tmp_path, server, image_timeout=1))
+    started = time.monotonic()
+    with pytest.raises(ImageDownloadError, match=r"longer than IMAGE_TIMEOUT \(1 s\)") as info:
+        fetcher.fetch_bytes("/slow/50?every=0.2")
+    assert time.monotonic() - started < 2.0
+    assert info.value.http_status == 504

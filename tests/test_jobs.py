@@ -388,3 +388,49 @@ def test_redis_down_webhook_is_503_and_logged(tmp_path, caplog):
         assert client.post("/webhook", json=webhook("PROJECT_UPDATED")).status_code == 200
     finally:
         jobs.reset_jobs()
+
+
+# --------------------------------------------------------------------------- Start Training
+def test_start_training_runs_a_waiting_retry_now(redis_env, tmp_path):
+    settings = settings_from(redis_env)
+    connection = _require_redis()
+    redis_jobs = jobs.RedisJobs(settings, runner=FAILING, retry_intervals=(120,))
+    worker = Worker(redis_env, f"{settings.queue_name}-s", tmp_path / "s.log",
+                    extra_env={"S4AL_TEST_FAILURES": "1"})
+    try:
+        redis_jobs.request_cycle(1, "START_TRAINING")
+        wait_for(lambda: (redis_jobs.status(1)["last"] or {}).get("status") == "failed", 60,
+                 "the failure")
+        # the fault is fixed; the retry would wait 120 s: Start Training runs it now
+        reply = redis_jobs.request_cycle(1, "START_TRAINING")
+        assert reply["status"] == "coalesced" and "runs now" in reply["message"]
+        wait_for(lambda: (redis_jobs.status(1)["last"] or {}).get("status") == "done", 20,
+                 "the retry to run at once")
+    finally:
+        worker.stop()
+    assert len(runs(connection, settings)) == 2
+
+
+def test_start_training_runs_a_waiting_local_retry_now(tmp_path):
+    calls = []
+
+    def flaky(settings, project, reason="", progress=None):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise StudioError("Label Studio unreachable", None)
+        return {"version": "fixed"}
+
+    settings = Settings(model_dir=tmp_path / "models")
+    local = jobs.LocalJobs(settings, runner=flaky, retry_intervals=(120,), lock_poll=0.05)
+    try:
+        local.request_cycle(1, "START_TRAINING")
+        wait_for(lambda: (local.status(1)["last"] or {}).get("status") == "failed", 20,
+                 "the failure")
+        assert "runs now" in local.request_cycle(1, "START_TRAINING")["message"]
+        wait_for(lambda: (local.status(1)["last"] or {}).get("status") == "done", 10,
+                 "the retry to run at once")
+        assert local.request_cycle(1, "webhook")["status"] == "queued"  # nothing left over
+        local.wait_idle(20)
+    finally:
+        local.close()
+    assert len(calls) == 3  # the failure, the retry brought forward, the new request

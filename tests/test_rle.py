@@ -163,3 +163,27 @@ def test_accepts_bytes_and_arrays():
     data = rle.encode(mask)
     for form in (bytes(data), np.asarray(data, dtype=np.int64), np.asarray(data, np.uint8)):
         np.testing.assert_array_equal(rle.decode(form, 6, 6), mask)
+
+
+def test_decode_refuses_trailing_bytes():
+    mask = np.random.default_rng(3).random((9, 11)) < 0.5
+    data = rle.encode(mask)
+    np.testing.assert_array_equal(rle.decode(data, 9, 11), mask)
+    for extra in ([0], [0, 0, 0, 0], [255] * 3):
+        with pytest.raises(rle.RLEError, match=r"goes on for \d+ byte\(s\) after its last value"):
+            rle.decode(data + extra, 9, 11)
+
+
+def test_decode_memory_is_a_small_multiple_of_the_stream():
+    import tracemalloc
+
+    mask = np.random.default_rng(4).random((512, 512)) < 0.5  # a run every pixel or two
+    data = np.asarray(rle.encode(mask), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        decoded = rle.decode(data, 512, 512)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(decoded, mask)
+    assert peak < 100 * data.size, f"{peak / data.size:.0f} bytes per RLE byte"

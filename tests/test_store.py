@@ -132,3 +132,34 @@ def test_adopt_and_command_line(tmp_path, model, capsys):
     with pytest.raises(Exception, match="not a readable checkpoint"):
         shared_store(model_dir).adopt(not_a_checkpoint)
     assert shared_store(model_dir).current() == adopted
+
+
+def test_temp_files_of_a_killed_write_are_removed_at_the_next_save(tmp_path, model):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = ModelStore(tmp_path / "m")
+    store.save(model, CLASSES)
+    target = store.path("v0099-killed")
+    # a real writer SIGKILLed in the middle of its checkpoint write
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from model.atomic import atomic_write\n"
+        "def write(f):\n"
+        "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        f"atomic_write({str(target)!r}, write)\n")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(10)
+    leftovers = list(store.versions_dir.glob(".*.tmp"))
+    assert len(leftovers) == 1
+    old = time.time() - 2 * store_module.STALE_TEMP_S
+    os.utime(leftovers[0], (old, old))
+    fresh = store.versions_dir / ".v0100.pt.abc123.tmp"  # a write in progress: kept
+    fresh.write_bytes(b"in progress")
+    store.save(model, CLASSES)
+    assert list(store.versions_dir.glob(".*.tmp")) == [fresh]

@@ -562,7 +562,8 @@ def test_a_slow_image_never_stalls_other_predicts(tmp_path, server, camvid_image
     import threading
     from dataclasses import replace
 
-    settings = replace(make_settings(tmp_path, server), image_timeout=3)
+    # bounds with room for a loaded CI machine, each well below what the defect gave
+    settings = replace(make_settings(tmp_path, server), image_timeout=5)
     save_model(settings)
     app = create_app(settings)
     good = tasks_for(server)
@@ -583,10 +584,10 @@ def test_a_slow_image_never_stalls_other_predicts(tmp_path, server, camvid_image
     quick_s = time.monotonic() - t0
     thread.join(timeout=30)
     assert quick.status_code == 200 and quick.get_json()["results"][0]["result"]
-    assert quick_s < 2.0, f"a small /predict waited {quick_s:.1f} s behind a slow image"
+    assert quick_s < 3.5, f"a small /predict waited {quick_s:.1f} s behind a slow image"
     results = replies["slow"].get_json()["results"]
-    assert "IMAGE_TIMEOUT (3 s)" in results[0]["error"] and results[1]["result"]
-    assert replies["slow_s"] < 5.0
+    assert "IMAGE_TIMEOUT (5 s)" in results[0]["error"] and results[1]["result"]
+    assert replies["slow_s"] < 8.0
 
 
 def big_png(height: int, width: int) -> bytes:

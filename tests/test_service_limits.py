@@ -86,7 +86,7 @@ def test_health_stays_fast_while_predicts_pile_up(tmp_path):
             sender.join(timeout=90)
         finally:
             server.stop()
-    assert max(latencies) < 0.5, f"/health took {max(latencies):.2f} s"
+    assert max(latencies) < 1.0, f"/health took {max(latencies):.2f} s (Label Studio waits 1 s)"
     codes = sorted(r.status_code for r in predicts)
     assert codes.count(200) >= 4 and set(codes) <= {200, 503}, codes
     busy = next(r.json() for r in predicts if r.status_code == 503)
@@ -141,7 +141,7 @@ def test_a_frozen_redis_is_a_quick_503(tmp_path):
         jobs.reset_jobs()
         redis_server.kill()
     assert reply.status_code == 503 and "Redis unavailable" in reply.get_json()["error"]
-    assert elapsed < 1.0, f"a frozen Redis took {elapsed:.2f} s to a 503"
+    assert elapsed < 1.5, f"a frozen Redis took {elapsed:.2f} s to a 503 (2 s before the fix)"
 
 
 @pytest.fixture(autouse=True)

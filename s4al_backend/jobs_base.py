@@ -32,7 +32,6 @@ RETRY_INTERVALS: tuple[int, ...] = (30, 120, 600)  # seconds before retry 1, 2, 
 PROGRESS_EVERY = 1.0  # seconds between progress writes to Redis
 RETRY_NOW = "the retry waiting for its backoff runs now"
 
-Progress = Callable[[dict], None]
 Runner = Callable[..., dict]
 
 

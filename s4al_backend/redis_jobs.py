@@ -150,6 +150,9 @@ def web_connection(url: str):
 
 
 class RedisJobs(Jobs):
+    """The web side of the Redis queue: counts events, queues one RQ job per project
+    (coalescing), reads its status; the job itself is `run_cycle_job` in a worker."""
+
     kind = "redis"
 
     def __init__(

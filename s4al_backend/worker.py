@@ -6,7 +6,7 @@ It also runs RQ's scheduler, which the retries with backoff need, in a thread of
 (RQ's `--with-scheduler` forks a child that outlives a SIGKILLed worker). When Redis goes
 away, even mid-job, the worker waits for it with backoff and carries on. Start any
 number, on any number of machines sharing the Redis and MODEL_DIR; a project is never
-trained by two at once (see s4al_backend.jobs). Close to rq's own command line (which
+trained by two at once (see s4al_backend.redis_jobs). Close to rq's own command line (which
 neither reconnects nor keeps its scheduler in the process):
 
     rq worker -w rq.worker.SimpleWorker --with-scheduler --url "$REDIS_URL" "$QUEUE_NAME"

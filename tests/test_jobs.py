@@ -376,7 +376,7 @@ def test_redis_down_webhook_is_503_and_logged(tmp_path, caplog):
     jobs.reset_jobs()
     client = create_app(settings).test_client()
     try:
-        with caplog.at_level(logging.ERROR, logger="s4al_backend.jobs"):
+        with caplog.at_level(logging.ERROR, logger="s4al_backend.redis_jobs"):
             started = time.monotonic()
             response = client.post("/webhook", json=webhook("ANNOTATION_CREATED"))
             elapsed = time.monotonic() - started

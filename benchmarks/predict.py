@@ -8,7 +8,7 @@ same batch size. Prints both, the ratio and the breakdown from ``/metrics``. The
 cache is off, so every request downloads. Target (issue 3): end to end at most 1.3x the
 bare forward on CPU at 360x480.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.predict --data ../shared/data/camvid
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.predict --data PATH/TO/camvid
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from tests.service_helpers import (
     read_rgb,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.3
 STAGES = ("download_s", "decode_s", "forward_s", "postprocess_s", "wall_s")
 
@@ -61,8 +60,8 @@ def bare_forward(model, images, batch_size: int, device: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "camvid",
-                        help="CamVid folder with val/ (default ../shared/data/camvid)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="CamVid folder with val/ (README: Data)")
     parser.add_argument("--images", type=int, default=8, help="tasks per /predict")
     parser.add_argument("--batch", type=int, default=4, help="PREDICT_BATCH_SIZE")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, the median kept")

@@ -21,7 +21,7 @@ channels_last
     (``channels_last=True``); outputs and losses do not care about the layout.
 
 torch.compile
-    Behind a setting (first call costs ~1-2 minutes on this model; see ENVIRONMENT.md).
+    Behind a setting (the first call costs ~1-2 minutes on this model).
     With DDP, compile the DDP-wrapped module (TorchDynamo's DDPOptimizer splits graphs at
     bucket boundaries so communication still overlaps). ``unwrap_model`` in
     model.distributed sees through both wrappers for checkpoints.

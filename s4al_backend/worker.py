@@ -1,7 +1,7 @@
 """A training worker: `python -m s4al_backend.worker` (REDIS_URL must be set).
 
 It is an RQ `SimpleWorker` on QUEUE_NAME: jobs run in the worker process itself, never in
-a fork (a forked job can deadlock inside torch's thread pool; ../shared/ENVIRONMENT.md).
+a fork (a forked job can deadlock inside torch's thread pool).
 It also runs RQ's scheduler, which the retries with backoff need. Start any number, on any
 number of machines sharing the Redis and MODEL_DIR; a project is never trained by two at
 once (see s4al_backend.jobs). Equivalent with rq's own command line:

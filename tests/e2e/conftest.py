@@ -5,8 +5,8 @@ real processes, the real Redis on 127.0.0.1:6379.
   into a template data dir (`label-studio init -q`, ~60 s of CPU) and every server starts
   from a copy of it (5-8 s). Missing `.venv-ls` is a test *failure*, never a skip: CI
   installs it through `make test`.
-- The server serves ~20 CamVid images (../shared/data/camvid when present, else the
-  bundled tests/fixtures/camvid), downscaled to 160x120, through its local-files storage.
+- The server serves up to 20 CamVid images (the bundled tests/fixtures/camvid, or the
+  CamVid folder S4AL_E2E_CAMVID names), at 160x120, through its local-files storage.
 - `backend_stack` starts gunicorn (`_wsgi:app`) and `python -m s4al_backend.worker` with a
   fresh MODEL_DIR, a queue name of their own and tiny training settings.
 
@@ -38,8 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 LS_VENV = Path(os.environ.get("S4AL_E2E_LS_VENV") or REPO / ".venv-ls")
 LS_BIN = LS_VENV / "bin" / "label-studio"
 VENV_BIN = Path(sys.executable).parent
-SHARED_CAMVID = REPO.parent / "shared" / "data" / "camvid"
-FIXTURE_CAMVID = REPO / "tests" / "fixtures" / "camvid"
+CAMVID = Path(os.environ.get("S4AL_E2E_CAMVID") or REPO / "tests" / "fixtures" / "camvid")
 
 N_IMAGES = 20
 DOWNSCALE = 3  # 480x360 -> 160x120 (the bundled fixture is already 160x120)
@@ -240,7 +239,7 @@ def _pick_names(root: Path, count: int) -> list[tuple[str, str]]:
 def camvid_images(tmp_path_factory) -> ImageSet:
     import json
 
-    source = SHARED_CAMVID if (SHARED_CAMVID / "train").is_dir() else FIXTURE_CAMVID
+    source = CAMVID
     classes = json.loads((source / "classes.json").read_text())["classes"]
     root = tmp_path_factory.mktemp("ls-docroot")
     (root / "all").mkdir()

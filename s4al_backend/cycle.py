@@ -66,7 +66,7 @@ import numpy as np
 from . import history
 from . import store as store_module
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask, mask_to_results
-from .studio import Studio
+from .studio import Studio, StudioError
 
 log = logging.getLogger(__name__)
 
@@ -749,7 +749,11 @@ def run_cycle(settings: Any, project: int, *, reason: str = "",
               fetcher=None) -> dict:
     """Run one active-learning cycle for `project`; returns a JSON-ready summary (status,
     version, metrics, regions created, predictions pushed, skipped annotations, timings)."""
-    result = Cycle(settings, project, reason=reason, progress=progress, studio=studio,
-                   fetcher=fetcher).run()
+    try:
+        result = Cycle(settings, project, reason=reason, progress=progress, studio=studio,
+                       fetcher=fetcher).run()
+    except StudioError as exc:  # the job fails and retries; say plainly why
+        log.warning("project %s: training could not reach Label Studio: %s", project, exc)
+        raise
     history.record_cycle(settings, project, result)  # the dashboard's learning curve
     return result

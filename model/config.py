@@ -81,7 +81,7 @@ class TrainConfig:
 
     # --- GPU efficiency and distributed training (issue 8, docs/DISTRIBUTED.md) ---
     # Mixed precision (model.precision): "off", "auto" (bf16 on GPUs with native bf16, else
-    # fp16 with a GradScaler; fp32 on CPU), "bf16" or "fp16".
+    # fp16 with a GradScaler; on CPU bf16 with native bf16 units, else fp32), "bf16", "fp16".
     amp: str = "off"
     channels_last: bool = False  # NHWC weights and batches (faster convs on tensor cores)
     compile: bool = False  # torch.compile the student's training forward (slow first steps)

@@ -387,7 +387,7 @@ class S4ALBackend(_Base):
         with self.runtime.forward_lock:
             stream = predict_probabilities(
                 loaded.model, images, batch_size=self.runtime.settings.predict_batch_size,
-                device=loaded.device, amp=loaded.device.startswith("cuda"),
+                device=loaded.device, amp=self.runtime.settings.amp,
             )
             while True:
                 t0 = time.perf_counter()

@@ -464,6 +464,7 @@ class Cycle:
 
     def train_config(self, warm: bool):
         from model.config import TrainConfig
+        from model.precision import resolve_precision
 
         s = self.settings
         iterations = int(s.train_iterations)
@@ -479,6 +480,8 @@ class Cycle:
             eval_every=iterations,
             device=s.resolve_device(),
             backbone_weights=backbone,
+            amp=s.amp,  # bf16 on CPUs with native bf16 and on recent GPUs (AMP=auto)
+            channels_last=resolve_precision(s.amp, s.resolve_device()).enabled,
             # Balanced ClassMix starts after the first cycle (S4AL supplement S1)
             balanced_classmix=warm,
         )
@@ -569,7 +572,7 @@ class Cycle:
 
         self.phase("predict", message=f"{len(items)} images")
         batch = max(1, int(s.predict_batch_size))
-        amp = device.startswith("cuda")
+        amp = s.amp
         served = predict_probabilities(teacher.to(device), (i.image for i in items), batch,
                                        device, amp=amp)
         scored = served
@@ -663,7 +666,7 @@ class Cycle:
         maps = {}
         stream = predict_probabilities(teacher, (items[i].image for i in order),
                                        max(1, int(s.predict_batch_size)), device,
-                                       amp=device.startswith("cuda"))
+                                       amp=s.amp)
         for index, probs in zip(order, stream, strict=True):
             confidence, classes = probs.max(dim=0)
             maps[index] = (classes.numpy(), confidence.numpy())

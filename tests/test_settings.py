@@ -161,3 +161,23 @@ def test_backbone_weights(tmp_path):
 def test_resolve_device():
     assert Settings(device="cpu").resolve_device() == "cpu"
     assert Settings(device="auto").resolve_device() in ("cpu", "cuda")
+
+
+def test_precision_defaults_to_auto_with_an_off_switch():
+    from model.precision import AMP_CHOICES
+    from s4al_backend.settings import AMP_MODES
+
+    assert set(AMP_MODES) == set(AMP_CHOICES)
+    assert Settings.from_env({}).amp == "auto"
+    assert Settings.from_env({"AMP": "OFF"}).amp == "off"
+    with pytest.raises(SettingsError, match="^AMP: must be one of"):
+        Settings.from_env({"AMP": "fp8"})
+
+
+def test_job_timeout_follows_the_training_budget():
+    defaults = Settings.from_env({})
+    assert (defaults.cycle_budget, defaults.cold_start_budget) == (2400, 300)
+    assert defaults.job_timeout >= defaults.cycle_budget + 3600
+    assert Settings.from_env({"CYCLE_BUDGET": "10800"}).job_timeout == 10800 + 3600
+    assert Settings.from_env({"CYCLE_BUDGET": "0"}).job_timeout == 24 * 3600  # no budget
+    assert Settings.from_env({"CYCLE_BUDGET": "10800", "JOB_TIMEOUT": "60"}).job_timeout == 60

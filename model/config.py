@@ -90,6 +90,12 @@ class TrainConfig:
     # BatchNorm statistics span the global batch when this is True (SyncBatchNorm).
     sync_batchnorm: bool = True
 
+    # --- time budget (issue 15, model/budget.py): seconds, 0 = none. Iteration counts are
+    # cut to what fits at the measured speed; the cycle stops itself when time_budget_s is
+    # spent. The EMA horizon keeps following the configured `iterations`.
+    time_budget_s: float = 0.0
+    cold_start_budget_s: float = 0.0
+
     # --- tsf-plar (issue 7): fields for Teacher-Student-Friend + PLAR go below. ---
     # papers/tsf-plar.md, read by model.tsf. Which parts run is the method's choice (the
     # ablation rows, model.tsf.VARIANTS: tsf, tsf-conf, tsf-emd, tsf-plar-conf, tsf-plar);

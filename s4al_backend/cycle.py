@@ -59,12 +59,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from . import history
 from . import store as store_module
+from .first_version import FirstVersion
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask, mask_to_results
 from .studio import Studio, StudioError
 
@@ -223,8 +225,13 @@ class Cycle:
             trained = False
         else:
             t0 = time.monotonic()
+            early = FirstVersion(self, label_map, pool, info, tasks, {
+                "labelled_fraction": self.labelled_fraction(train_items),
+                "project": self.project, "method": self.settings.method,
+                "labelled_tasks": len([i for i in train_items if i.labelled]),
+                "holdout_tasks": len(holdout)})
             student, teacher, metrics, state, config = self.train(
-                label_map, train_items, holdout, current_meta)
+                label_map, train_items, holdout, current_meta, early)
             self.timed("train_s", t0)
             t0 = time.monotonic()
             self.phase("save")
@@ -482,12 +489,15 @@ class Cycle:
             backbone_weights=backbone,
             amp=s.amp,  # bf16 on CPUs with native bf16 and on recent GPUs (AMP=auto)
             channels_last=resolve_precision(s.amp, s.resolve_device()).enabled,
+            time_budget_s=float(s.cycle_budget),  # iterations cut to fit (model.budget)
+            cold_start_budget_s=float(s.cold_start_budget),
             # Balanced ClassMix starts after the first cycle (S4AL supplement S1)
             balanced_classmix=warm,
         )
 
     def train(self, label_map: LabelMap, train_items: list[PoolItem],
-              holdout: list[PoolItem], current_meta: dict | None):
+              holdout: list[PoolItem], current_meta: dict | None,
+              early: Callable | None = None):
         from model.data import Sample
         from model.train import train_cycle
 
@@ -514,11 +524,9 @@ class Cycle:
                  config.cold_start_iterations, self.settings.train_crop,
                  "warm start" if init_state else "from the backbone")
         self.phase("train", message=f"{len(labelled)} labelled, {len(unlabelled)} images")
-        run = train_cycle
+        run = partial(train_cycle, on_cold_start_end=early)  # a first version, published early
         gpus = int(getattr(self.settings, "num_gpus", 1) or 1)
         if gpus > 1:  # NUM_GPUS: torchrun on this machine's GPUs (docs/DISTRIBUTED.md)
-            from functools import partial
-
             from model.distributed import launch_train_cycle
 
             log.info("project %s: training on %d processes (torchrun)", self.project, gpus)
@@ -555,8 +563,8 @@ class Cycle:
         if per_cycle > 0 and select:
             selector = BlockSelector(per_image=int(s.regions_per_image))
         elif not select:
-            log.info("project %s: regions of %s are already in Label Studio; none added",
-                     self.project, version)
+            log.info("project %s: no regions for %s (already in Label Studio, or a first "
+                     "version)", self.project, version)
         outbox: list[dict] = []
         pushed = made = queued_pixels = 0
         refinement = queue_refinement(state, device) if selector is not None else None

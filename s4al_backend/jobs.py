@@ -63,6 +63,7 @@ LOCK_TTL = 60.0  # seconds a dead worker's lock outlives it
 LOCK_WAIT = 5.0  # seconds a job waits before putting itself back when the lock is held
 MARKER_GRACE = 30.0  # a queued marker younger than this is trusted even before its job exists
 PROGRESS_EVERY = 1.0  # seconds between progress writes to Redis
+PROGRESS_LOG_EVERY = 60.0  # seconds between progress lines in the log
 
 Progress = Callable[[dict], None]
 Runner = Callable[..., dict]
@@ -100,8 +101,8 @@ def load_runner(path: str) -> Runner:
 # --------------------------------------------------------------------------- progress
 class ProgressReporter:
     """Receives the cycle's progress dicts; keeps the latest, forwards it to `sink` at
-    most every PROGRESS_EVERY seconds (and on every phase change), and logs phase changes
-    and every tenth of the training iterations."""
+    most every PROGRESS_EVERY seconds (and on every phase change), and logs phase changes,
+    a progress line every PROGRESS_LOG_EVERY seconds and each phase's last iteration."""
 
     def __init__(self, project: int, sink: Callable[[dict], None] | None = None):
         self.project = project
@@ -109,7 +110,7 @@ class ProgressReporter:
         self.latest: dict = {}
         self._last_write = 0.0
         self._last_phase = None
-        self._last_decile = -1
+        self._last_line = time.monotonic()
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -126,25 +127,17 @@ class ProgressReporter:
                 )
             self._phase_started = now
             self._last_phase = phase
-            self._last_decile = -1
+            self._last_line = now
             log.info("project %s: %s%s", self.project, phase,
                      f" ({update['message']})" if update.get("message") else "")
         self.latest = {**self.latest, **update, "updated_at": time.time()}
         if "message" not in update and not changed:
             self.latest.pop("message", None)
         total, iteration = update.get("total"), update.get("iteration")
-        if isinstance(total, int) and isinstance(iteration, int) and total > 0:
-            decile = iteration * 10 // total if total >= 10 else (10 if iteration >= total
-                                                                  else -1)
-            if decile > self._last_decile:
-                self._last_decile = decile
-                loss = update.get("loss")
-                eta = update.get("eta_s")
-                log.info(
-                    "project %s: %s %d/%d%s%s", self.project, phase, iteration, total,
-                    f" loss {loss:.3f}" if isinstance(loss, float) else "",
-                    f" eta {eta:.0f} s" if isinstance(eta, float | int) else "",
-                )
+        if isinstance(total, int) and isinstance(iteration, int) and total > 0 and (
+                now - self._last_line >= PROGRESS_LOG_EVERY or iteration == total):
+            self._last_line = now
+            log.info("project %s: %s", self.project, progress_line(update))
         if self.sink and (changed or now - self._last_write >= PROGRESS_EVERY):
             self._last_write = now
             try:
@@ -159,6 +152,20 @@ class ProgressReporter:
                 - self._phase_started
             )
         return {k: round(v, 3) for k, v in self.phase_times.items()}
+
+
+def progress_line(update: dict) -> str:
+    """`s4al 334/2000 loss 0.512, 0.25 it/s, phase eta 6664 s, eta 6664 s`."""
+    parts = [f"{update.get('phase')} {update['iteration']}/{update['total']}"]
+    loss, rate = update.get("loss"), update.get("rate")
+    if isinstance(loss, float):
+        parts[0] += f" loss {loss:.3f}"
+    if isinstance(rate, float | int):
+        parts.append(f"{rate:.2f} it/s")
+    for key, name in (("phase_eta_s", "phase eta"), ("eta_s", "eta")):
+        if isinstance(update.get(key), float | int):
+            parts.append(f"{name} {update[key]:.0f} s")
+    return ", ".join(parts)
 
 
 def _jsonable(value: Any) -> bool:

@@ -229,7 +229,7 @@ class Cycle:
                 "labelled_fraction": self.labelled_fraction(train_items),
                 "project": self.project, "method": self.settings.method,
                 "labelled_tasks": len([i for i in train_items if i.labelled]),
-                "holdout_tasks": len(holdout)})
+                "holdout_tasks": len(holdout)}) if self.settings.first_version else None
             student, teacher, metrics, state, config = self.train(
                 label_map, train_items, holdout, current_meta, early)
             self.timed("train_s", t0)

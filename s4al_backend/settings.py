@@ -34,6 +34,8 @@ METHODS = ("s4al", "tsf-plar", "mean-teacher", "supervised")
 ACQUISITIONS = ("entropy", "margin", "least-confidence", "random")
 ACQUIRERS = ("student", "teacher")
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # model.precision.AMP_CHOICES
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
 # the job's time besides training: reading, images, predicting and scoring the pool, pushes
 JOB_MARGIN_S = 3600
 DEVICES = ("auto", "cpu", "cuda")
@@ -93,6 +95,7 @@ class Settings:
     keep_versions: int = 5
     cycle_budget: int = 2400
     cold_start_budget: int = 300
+    first_version: bool = True
     job_timeout: int = 7200
     num_gpus: int = 1
 
@@ -142,6 +145,7 @@ class Settings:
             "keep_versions": read.integer("KEEP_VERSIONS", 5, minimum=1),
             "cycle_budget": read.integer("CYCLE_BUDGET", 2400, minimum=0),
             "cold_start_budget": read.integer("COLD_START_BUDGET", 300, minimum=0),
+            "first_version": read.boolean("FIRST_VERSION", True),
             "num_gpus": read.integer("NUM_GPUS", 1, minimum=1),
         }
         # unset: the job outlives the training budget, so no default cycle is ever killed
@@ -279,6 +283,15 @@ class _Reader:
 
     def text(self, name: str, default: str) -> str:
         return self._parse(name, default, str)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        def parse(value: str) -> bool:
+            lowered = value.strip().lower()
+            if lowered not in _BOOLEANS:
+                raise ValueError(f"must be true or false (1/0, yes/no, on/off); got {value!r}")
+            return _BOOLEANS[lowered]
+
+        return self._parse(name, default, parse)
 
     def integer(self, name: str, default: int, minimum: int = 0) -> int:
         def parse(value: str) -> int:

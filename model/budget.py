@@ -50,6 +50,12 @@ class TimeBudget:
     def enabled(self) -> bool:
         return self.cycle_s > 0 or self.cold_start_s > 0
 
+    def remaining_s(self) -> float | None:
+        """Seconds of the cycle budget left (None without one): the longest any ETA is."""
+        if self.cycle_s <= 0:
+            return None
+        return max(0.0, self.cycle_s - (self.clock() - self.started))
+
     def plan(self, cold: bool, iteration: int, measured: int,
              seconds_per_iteration: float | None, current: Plan) -> Plan:
         """The phase ends after `iteration` (`cold`: in the cold start; `measured`: its

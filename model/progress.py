@@ -115,13 +115,17 @@ class FitProgress:
         current = phase if phase in bounds else self.rate.phase or config.method
         phases = phase_table(bounds, iteration, current, self.rates)
         etas = [row["eta_s"] for row in phases.values()]
+        eta = sum(etas) if None not in etas else None
+        left = self.budget.remaining_s()
+        if left is not None:  # the budget ends the cycle by then, whatever the rate says
+            eta = left if eta is None else min(eta, left)
         return {
             "phase": phase,
             "iteration": iteration,
             "total": total,
             "loss": loss,
             "rate": self.rates.get(current),
-            "eta_s": sum(etas) if None not in etas else None,
+            "eta_s": eta,
             "phase_eta_s": phases.get(current, {}).get("eta_s"),
             "phases": phases,
         }

@@ -130,7 +130,8 @@ class ProgressReporter:
             self._last_line = now
             log.info("project %s: %s%s", self.project, phase,
                      f" ({update['message']})" if update.get("message") else "")
-        self.latest = {**self.latest, **update, "updated_at": time.time()}
+        # a new phase starts afresh: no stale rate or ETA of the previous one in /status
+        self.latest = {**({} if changed else self.latest), **update, "updated_at": time.time()}
         if "message" not in update and not changed:
             self.latest.pop("message", None)
         total, iteration = update.get("total"), update.get("iteration")

@@ -131,3 +131,25 @@ def test_the_cold_start_end_hands_over_a_snapshot(fixture_sets):  # noqa: F811
     warm = Trainer(replace(config, cold_start_iterations=0), labelled, unlabelled,
                    NUM_CLASSES, init_state=snapshot.state)
     assert warm.iteration == 0  # a finished state: a new cycle, not a resumed one
+
+
+def test_the_eta_never_exceeds_the_budget_left():
+    clock = Clock()
+
+    class FakeTrainer:
+        config = tiny_config(iterations=2000, cold_start_iterations=200, time_budget_s=600)
+        iteration = 0
+
+        def replan(self, cold_end, total):
+            self.config = replace(self.config, cold_start_iterations=cold_end,
+                                  iterations=total)
+
+    trainer = FakeTrainer()
+    tracker = FitProgress(trainer, clock=clock)
+    for i in range(1, 11):
+        clock.now += 10.0  # 10 s an iteration: 2,000 would take 5.5 h
+        trainer.iteration = i
+        tracker.measure("cold-start")
+    update = tracker.update("cold-start", 1.0)
+    assert update["eta_s"] == pytest.approx(500)  # 600 s budget, 100 s spent
+    assert trainer.config.cold_start_iterations == 60  # what fits in the 600 s

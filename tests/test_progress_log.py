@@ -22,3 +22,12 @@ def test_a_progress_line_every_minute_with_rate_and_eta(monkeypatch, caplog):
     assert iterations == [61, 121, 181, 241, 1000]
     assert lines[0] == ("project 7: s4al 61/1000 loss 0.500, 1.00 it/s, phase eta 939 s, "
                         "eta 939 s")
+
+
+def test_a_new_phase_drops_the_previous_phases_rate_and_eta():
+    reporter = jobs.ProgressReporter(7)
+    reporter({"phase": "s4al", "iteration": 5, "total": 10, "rate": 1.0, "eta_s": 5.0,
+              "phases": {"s4al": {"iteration": 5}}})
+    reporter({"phase": "predict", "iteration": 1, "total": 20})
+    assert {"rate", "eta_s", "phases"}.isdisjoint(reporter.latest)
+    assert reporter.latest["phase"] == "predict" and reporter.latest["total"] == 20

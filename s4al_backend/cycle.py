@@ -537,6 +537,8 @@ class Cycle:
         metrics = dict(result.metrics or {})
         if metrics:
             metrics["holdout_tasks"] = len(val)
+        # the iterations that ran: CYCLE_BUDGET / COLD_START_BUDGET may have cut them
+        config = type(config).from_dict(result.state["config"])
         return result.student, result.teacher, metrics, result.state, config
 
     # ------------------------------------------------------------------ 5-6: acquire, predict

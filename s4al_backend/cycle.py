@@ -538,7 +538,9 @@ class Cycle:
         if metrics:
             metrics["holdout_tasks"] = len(val)
         # the iterations that ran: CYCLE_BUDGET / COLD_START_BUDGET may have cut them
-        config = type(config).from_dict(result.state["config"])
+        # (a torchrun launch has no budget and keeps its state to itself)
+        if (result.state or {}).get("config"):
+            config = type(config).from_dict(result.state["config"])
         return result.student, result.teacher, metrics, result.state, config
 
     # ------------------------------------------------------------------ 5-6: acquire, predict

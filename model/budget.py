@@ -76,8 +76,9 @@ class TimeBudget:
             fits = iteration + (self.cycle_s - elapsed) / seconds_per_iteration
         if cold:
             return self._cold_plan(iteration, now, seconds_per_iteration, fits)
-        total = min(current.total, self.configured.total, int(fits))
-        return Plan(current.cold_end, max(iteration, total))
+        # from the configured count, not the last plan: a load spike must not cut for good
+        cap = self.configured.total - (self.configured.cold_end - current.cold_end)
+        return Plan(current.cold_end, max(iteration, min(cap, int(fits))))
 
     def _cold_plan(self, iteration: int, now: float, spi: float, fits: float) -> Plan:
         cold_fits = fits

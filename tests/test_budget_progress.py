@@ -97,6 +97,15 @@ def test_cycle_budget_cuts_the_method_phase_and_fast_devices_keep_the_schedule()
     assert fast.plan(False, 300, 2, 100.0, Plan(200, 2000)) == Plan(200, 2000)  # not measured
 
 
+def test_a_load_spike_does_not_cut_the_cycle_for_good():
+    budget, clock = _budget(2400, 300)
+    clock.now += 600
+    slow = budget.plan(False, 400, MIN_MEASURED, 20.0, Plan(150, 1950))
+    assert slow == Plan(150, 490)  # 1,800 s left at 20 s an iteration
+    faster = budget.plan(False, 401, MIN_MEASURED, 2.0, slow)
+    assert faster == Plan(150, 1301)  # back up: 900 more fit at 2 s, within the 1,800
+
+
 def test_a_spent_budget_stops_at_once():
     budget, clock = _budget(100, 0)
     clock.now += 101

@@ -2,7 +2,9 @@
 # `make test`. Everything installs into venvs inside the clone.
 PY := .venv/bin/python
 LS_VENV := .venv-ls
-export OMP_NUM_THREADS ?= 1
+# the tests run with one torch thread (fast on a shared 2-core machine); `make run` must not
+# inherit that, so it is set on the test command only
+TEST_THREADS := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
 .PHONY: setup setup-ls browser-deps run test lint
 
@@ -39,4 +41,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: setup setup-ls browser-deps lint
-	$(PY) -m pytest -q
+	$(TEST_THREADS) $(PY) -m pytest -q

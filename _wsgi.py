@@ -15,6 +15,7 @@ import sys
 
 from s4al_backend.app import create_app
 from s4al_backend.settings import Settings, SettingsError
+from s4al_backend.startup import listen_line, log_studio
 
 LOG_FORMAT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"
 
@@ -38,6 +39,7 @@ settings = _settings()
 _configure_logging(settings.log_level)
 app = create_app(settings)
 logging.getLogger("s4al_backend").info("settings: %r", settings)
+log_studio(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the app logs every request itself; werkzeug's own access lines would repeat them
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("s4al_backend").info(listen_line(args.host, args.port))
     app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
     return 0
 

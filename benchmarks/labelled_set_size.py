@@ -8,7 +8,7 @@ schedule: val mIoU of the student and the EMA teacher, the mean training loss of
 50 steps, and mIoU on the 37 start images (training images for every set).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.labelled_set_size \\
-        --data ../shared/data/camvid --iterations 1000 --sets split,all
+        --data PATH/TO/camvid --iterations 1000 --sets split,all
 
 Sets: `split` (the --split file), `all` (every train image), `randomN` (N random train
 images outside the split, seeded). `--report DIR` merges the `--out` files of several runs
@@ -29,8 +29,6 @@ from tqdm import tqdm
 from model.config import TrainConfig
 from model.data import Sample, load_folder, read_classes, read_split
 from model.train import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def labelled_set(name: str, train: list[Sample], split: set[str], seed: int) -> list[Sample]:
@@ -125,7 +123,7 @@ def report(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/camvid"))
+    parser.add_argument("--data", required=True, help="CamVid folder (README: Data)")
     parser.add_argument("--split", help="default: <data>/splits/labeled_10pct_seed0.txt")
     parser.add_argument("--sets", default="split,all")
     parser.add_argument("--iterations", type=int, default=1000)

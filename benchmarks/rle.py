@@ -5,7 +5,7 @@ Encodes and decodes every class mask of real CamVid label images and noisy 512x5
 prints the time per mask and the speed-up. Target (issue 3): encode at least 20x faster on
 the noisy masks, identical output. Exit status 1 if any output differs.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.rle --data ../shared/data/camvid
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.rle --data PATH/TO/camvid
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from label_studio_sdk.converter import brush
 
 from s4al_backend import rle
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET_ENCODE_SPEEDUP = 20.0
 
 
@@ -95,8 +94,8 @@ def compare(masks: list[np.ndarray], sdk_decode_limit: int, repeats: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "camvid",
-                        help="CamVid folder with trainannot/ (default ../shared/data/camvid)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="CamVid folder with trainannot/ (README: Data)")
     parser.add_argument("--images", type=int, default=10, help="CamVid label images to use")
     parser.add_argument("--noisy", type=int, default=5, help="noisy masks")
     parser.add_argument("--size", type=int, default=512, help="noisy mask side")

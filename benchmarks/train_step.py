@@ -4,7 +4,9 @@ Both steps run in one process on the same labelled batch (and, for S4AL, the sam
 batch): forward, backward, SGD step and EMA update. The S4AL step also pseudo-labels the
 weak views and the replayed images with the teacher, mixes (ClassMix + Balanced ClassMix)
 and re-reads the replayed images through the dataset, as in training. Loading the shared
-batches is not timed. Target (issue 2): S4AL <= 3.5x supervised.
+batches is not timed. Target (issue 2): S4AL <= 3.5x supervised. Each AMP value in --amp
+(default fp32 and bf16 autocast, channels_last for bf16) is measured the same way, and a
+last table puts them side by side (issue 15).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.train_step --crop 128 --batch 4
 """
@@ -24,6 +26,7 @@ import torch
 
 from model.config import TrainConfig
 from model.data import load_folder, read_classes
+from model.precision import cpu_native_bf16, resolve_precision
 from model.train import Trainer, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +72,33 @@ def main() -> int:
         help="folder dataset to draw the batches from",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--amp", default="off,bf16",
+                        help="AMP values measured side by side (default off,bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    by_precision = {}
+    for amp in args.amp.split(","):
+        mode = resolve_precision(amp, "cuda" if args.device.startswith("cuda") else "cpu").mode
+        print(f"--- AMP={amp} ({mode})")
+        by_precision[mode] = run(args, amp)
+    print_side_by_side(by_precision)
+    return 0
 
+
+def print_side_by_side(by_precision: dict[str, dict]) -> None:
+    modes = list(by_precision)
+    native = "native bf16" if cpu_native_bf16() else "no native bf16 (emulated)"
+    print(f"seconds per step, side by side (CPU: {native})")
+    print(f"{'step':<11}" + "".join(f"{m:>9}" for m in modes)
+          + (f" {modes[0]}/{modes[-1]:<5}" if len(modes) > 1 else ""))
+    for name in by_precision[modes[0]]:
+        values = [by_precision[m][name][0] for m in modes]
+        speedup = f" {values[0] / values[-1]:9.2f}x" if len(modes) > 1 else ""
+        print(f"{name:<11}" + "".join(f"{v:9.3f}" for v in values) + speedup)
+
+
+def run(args, amp: str) -> dict:
+    """One precision: every method's step timed; prints its table, returns the results."""
     samples = load_folder(args.data, "train")
     half = len(samples) // 2
     num_classes = len(read_classes(args.data))
@@ -84,6 +111,9 @@ def main() -> int:
         crop_size=args.crop,
         device=args.device,
         backbone_weights=None,  # weights do not change the cost
+        amp=amp,
+        channels_last=resolve_precision(amp, args.device if args.device != "auto" else "cpu")
+        .enabled,
     )
 
     pool = [replace(s, mask=None) for s in samples[half:]]  # no acquired pixels: PLs everywhere
@@ -131,7 +161,7 @@ def main() -> int:
         f"of which friend (tsf) +{friend - s4al:.3f} s, EMD + PLAR +{full - friend:.3f} s "
         f"({100 * steps['tsf-plar'][1].last['error_share']:.0f}% of pixels in the error mask)"
     )
-    return 0
+    return results
 
 
 if __name__ == "__main__":

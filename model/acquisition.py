@@ -483,7 +483,7 @@ def score_pool(
     max_labelled_fraction: float = 0.0,
     priority_maps: Sequence | None = None,
     priority_weight: float = 0.0,
-    amp: bool = False,
+    amp: bool | str = False,
     on_image: Callable[[int, torch.Tensor | None], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,

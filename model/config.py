@@ -82,7 +82,7 @@ class TrainConfig:
 
     # --- GPU efficiency and distributed training (issue 8, docs/DISTRIBUTED.md) ---
     # Mixed precision (model.precision): "off", "auto" (bf16 on GPUs with native bf16, else
-    # fp16 with a GradScaler; fp32 on CPU), "bf16" or "fp16".
+    # fp16 with a GradScaler; on CPU bf16 with native bf16 units, else fp32), "bf16", "fp16".
     amp: str = "off"
     channels_last: bool = False  # NHWC weights and batches (faster convs on tensor cores)
     compile: bool = False  # torch.compile the student's training forward (slow first steps)
@@ -90,6 +90,12 @@ class TrainConfig:
     # Under torchrun, batch sizes are per process (global batch = processes x batch) and
     # BatchNorm statistics span the global batch when this is True (SyncBatchNorm).
     sync_batchnorm: bool = True
+
+    # --- time budget (issue 15, model/budget.py): seconds, 0 = none. Iteration counts are
+    # cut to what fits at the measured speed; the cycle stops itself when time_budget_s is
+    # spent. The EMA horizon keeps following the configured `iterations`.
+    time_budget_s: float = 0.0
+    cold_start_budget_s: float = 0.0
 
     # --- tsf-plar (issue 7): fields for Teacher-Student-Friend + PLAR go below. ---
     # papers/tsf-plar.md, read by model.methods.tsf. Which parts run is the method's choice

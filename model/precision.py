@@ -7,8 +7,10 @@ Mixed precision (``amp`` setting)
     ``"off"``  fp32 everywhere.
     ``"auto"`` CUDA with native bf16 (Ampere and newer): bf16 autocast, no scaler (bf16
                has fp32's exponent range, gradients do not underflow). Older CUDA GPUs:
-               fp16 autocast with a dynamic GradScaler. CPU: fp32 (bf16 autocast is only
-               faster on CPUs with native bf16 units; ask for it with ``"bf16"``).
+               fp16 autocast with a dynamic GradScaler. CPU: bf16 autocast when the CPU
+               has native bf16 units (AMX or AVX512-BF16, :func:`cpu_native_bf16`), where
+               it is 1.6x (training) to 3.6x (inference) faster than fp32 on this model;
+               fp32 on other CPUs, where bf16 is emulated and slower.
     ``"bf16"`` / ``"fp16"`` forced; fp16 always comes with a GradScaler.
     Autocast keeps reductions, softmax and losses in fp32, so losses and confidence
     weights are computed at full precision; only convolutions/matmuls run in 16 bits.
@@ -21,7 +23,7 @@ channels_last
     (``channels_last=True``); outputs and losses do not care about the layout.
 
 torch.compile
-    Behind a setting (first call costs ~1-2 minutes on this model; see ENVIRONMENT.md).
+    Behind a setting (the first call costs ~1-2 minutes on this model).
     With DDP, compile the DDP-wrapped module (TorchDynamo's DDPOptimizer splits graphs at
     bucket boundaries so communication still overlaps). ``unwrap_model`` in
     model.distributed sees through both wrappers for checkpoints.
@@ -30,8 +32,10 @@ torch.compile
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +46,7 @@ __all__ = [
     "Precision",
     "bf16_supported",
     "configure_backends",
+    "cpu_native_bf16",
     "loader_options",
     "maybe_compile",
     "optimizer_step",
@@ -52,11 +57,34 @@ __all__ = [
 
 AMP_CHOICES = ("off", "auto", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# /proc/cpuinfo flags of native bf16 math (Sapphire Rapids AMX, Cooper Lake / Zen 4 AVX512)
+_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_bf16_flags(cpuinfo: str) -> set[str]:
+    """The native-bf16 flags that a /proc/cpuinfo text lists."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            flags.update(_BF16_FLAGS.intersection(value.split()))
+    return flags
+
+
+@functools.cache
+def cpu_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """This CPU has native bf16 units (AMX or AVX512-BF16) and torch's oneDNN can use
+    them. False where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        flags = cpu_bf16_flags(cpuinfo.read_text())
+    except OSError:
+        return False
+    return bool(flags) and torch.backends.mkldnn.is_available()
 
 
 def bf16_supported(device: torch.device | str) -> bool:
-    """Native bf16 math on this device (CUDA: compute capability >= 8.0; CPU: always
-    supported by autocast, fast only with AVX512-BF16/AMX)."""
+    """bf16 math on this device (CUDA: native, compute capability >= 8.0; CPU: always
+    supported by autocast, fast only with AVX512-BF16/AMX: :func:`cpu_native_bf16`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -110,7 +138,8 @@ def resolve_precision(amp: str | bool | None, device: torch.device | str) -> Pre
     if amp in ("auto", "on", "true", "1", "yes"):
         if device.type == "cuda":
             return Precision("bf16" if bf16_supported(device) else "fp16", "cuda")
-        return Precision("fp32", device.type)
+        native = device.type == "cpu" and cpu_native_bf16()
+        return Precision("bf16" if native else "fp32", device.type)
     if amp in ("bf16", "bfloat16"):
         if device.type == "cuda" and not bf16_supported(device):
             name = torch.cuda.get_device_name(device)

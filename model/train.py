@@ -51,6 +51,7 @@ from model.precision import (
     to_channels_last,
     to_device,
 )
+from model.progress import FitProgress
 from model.ssl import EMATeacher, pseudo_labels
 
 Progress = Callable[[dict], None]
@@ -212,25 +213,19 @@ class Trainer:
     # -- the cycle --
 
     def fit(
-        self, val: Sequence[Sample] | None = None, progress: Progress | None = None
+        self,
+        val: Sequence[Sample] | None = None,
+        progress: Progress | None = None,
+        on_cold_start_end: Callable[[TrainResult], None] | None = None,
     ) -> TrainResult:
-        total, start = self.config.iterations, self.iteration
         started = time.monotonic()
         meter = LossMeter()
+        # each rank would measure its own speed and plan other phase ends: no budget in DDP
+        tracker = FitProgress(self, budgeted=not self.dist.distributed)
 
         def report(phase: str, loss: float) -> None:
             if progress and self.dist.is_main:
-                seconds_per_step = (time.monotonic() - started) / max(self.iteration - start, 1)
-                eta_s = seconds_per_step * (total - self.iteration)
-                progress(
-                    {
-                        "phase": phase,
-                        "iteration": self.iteration,
-                        "total": total,
-                        "loss": loss,
-                        "eta_s": eta_s,
-                    }
-                )
+                progress(tracker.update(phase, loss))
 
         def record() -> None:
             entry = {"iteration": self.iteration, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -243,18 +238,23 @@ class Trainer:
             self.history.append(entry)
 
         quiet = None if self.dist.is_main else True
-        bar = tqdm(total=total, initial=start, desc=self.config.method, disable=quiet)
-        while self.iteration < total:
-            phase = (
-                "cold-start" if self.current_step() is self.cold_start_step else self.config.method
-            )
+        bar = tqdm(total=self.config.iterations, initial=self.iteration,
+                   desc=self.config.method, disable=quiet)
+        while self.iteration < self.config.iterations:
+            phase = self.phase_name()
             losses = self.run_step()
             meter.add(losses)
+            tracker.measure(phase)
+            bar.total = self.config.iterations  # the time budget may have moved it
             bar.update(1)
             bar.set_postfix(phase=phase, loss=f"{losses['loss']:.3f}")
             report(phase, losses["loss"])
+            total = self.config.iterations
             if self.iteration % (self.config.eval_every or total) == 0 or self.iteration == total:
                 record()
+            more = self.iteration < self.config.iterations
+            if on_cold_start_end and more and phase != self.phase_name() == self.config.method:
+                on_cold_start_end(self.snapshot(val))
         bar.close()
 
         metrics = {}
@@ -266,6 +266,25 @@ class Trainer:
         return TrainResult(
             self.student, self.teacher.model, self.history, metrics, self.state_dict()
         )
+
+    def phase_name(self) -> str:
+        return "cold-start" if self.current_step() is self.cold_start_step else self.config.method
+
+    def replan(self, cold_end: int, total: int) -> None:
+        """New phase ends from the time budget (the poly schedule follows the new total)."""
+        if (cold_end, total) != (self.config.cold_start_iterations, self.config.iterations):
+            self.config = replace(self.config, cold_start_iterations=cold_end, iterations=total)
+
+    def snapshot(self, val: Sequence[Sample] | None = None) -> TrainResult:
+        """The networks as they are now, as a finished cycle's result (its state
+        warm-starts a new cycle rather than resuming this one), with val metrics."""
+        state = self.state_dict()
+        state["config"] = {**state["config"], "iterations": self.iteration}
+        metrics = {}
+        if val and self.dist.is_main:
+            metrics = {"teacher": self.evaluate(self.teacher.model, val),
+                       "student": self.evaluate(self.student, val)}
+        return TrainResult(self.student, self.teacher.model, list(self.history), metrics, state)
 
     def evaluate(self, model: nn.Module, samples: Sequence[Sample]) -> dict:
         batch_size = self.config.eval_batch_size
@@ -340,6 +359,7 @@ def train_cycle(
     val: Sequence[Sample] | None = None,
     init_state: dict | None = None,
     progress: Progress | None = None,
+    on_cold_start_end: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train one cycle of `config.method`: `config.cold_start_iterations` supervised, then
     the method, `config.iterations` in all.
@@ -351,9 +371,12 @@ def train_cycle(
     `init_state` is a previous `TrainResult.state`: see `Trainer.load_state`. Unlabelled
     samples may carry partial masks: their labelled pixels replace the pseudo-labels.
     Python's and torch's global random generators are seeded with `config.seed`.
+    `config.time_budget_s` / `cold_start_budget_s` cut the iterations to what fits at the
+    measured speed (model.budget). `on_cold_start_end` receives `Trainer.snapshot` when the
+    cold start hands over to the method (a first version to publish early).
     """
     trainer = Trainer(config, labelled, unlabelled, num_classes, init_state)
-    return trainer.fit(val, progress)
+    return trainer.fit(val, progress, on_cold_start_end)
 
 
 # --- command line -----------------------------------------------------------------------

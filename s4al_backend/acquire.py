@@ -107,13 +107,14 @@ class Acquisition:
         items = list(pool.values())
         selecting = int(s.regions_per_cycle) > 0 and select
         if not select:
-            log.info("project %s: regions of %s are already in Label Studio; none added",
+            log.info("project %s: no regions for %s (already in Label Studio, or a first "
+                     "version)",
                      self.project, version)
         heuristic = get_heuristic(s.acquisition)
         # without a selection only the served model runs
         scorer = (student if selecting and s.acquire_with != "teacher" else teacher).to(device)
         teacher = teacher.to(device)
-        batch, amp = max(1, int(s.predict_batch_size)), device.startswith("cuda")
+        batch, amp = max(1, int(s.predict_batch_size)), s.amp
         served = None  # the teacher's own stream, when the scorer's probabilities are not its
         if scorer is not teacher or not heuristic.needs_model:
             served = predict_probabilities(teacher, (i.image for i in items), batch, device,
@@ -223,7 +224,7 @@ class Acquisition:
         maps = {}
         stream = predict_probabilities(teacher, (items[i].image for i in order),
                                        max(1, int(s.predict_batch_size)), device,
-                                       amp=device.startswith("cuda"))
+                                       amp=s.amp)
         for index, probs in zip(order, stream, strict=True):
             confidence, classes = probs.max(dim=0)
             maps[index] = (classes.numpy(), confidence.numpy())

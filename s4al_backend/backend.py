@@ -431,7 +431,7 @@ class S4ALBackend(_Base):
                 t0 = time.perf_counter()
                 out = list(predict_probabilities(
                     loaded.model, [item.image for item in batch], batch_size=len(batch),
-                    device=loaded.device, amp=loaded.device.startswith("cuda"),
+                    device=loaded.device, amp=self.runtime.settings.amp,
                 ))
                 timing["forward_s"] += time.perf_counter() - t0
                 return out

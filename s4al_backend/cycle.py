@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,10 +67,11 @@ import numpy as np
 from . import history
 from . import store as store_module
 from .acquire import Acquisition
+from .first_version import FirstVersion
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask
 from .pool import PoolItem, holdout_score, integer_id, is_region_task, pick_annotation
 from .settings import Settings
-from .studio import Studio
+from .studio import Studio, StudioError
 
 if TYPE_CHECKING:  # images.py is imported when a cycle fetches
     from .images import ImageFetcher
@@ -165,7 +167,7 @@ class Cycle:
                     "message": "no usable annotation yet", "skipped": self.skipped[:50],
                     "timings": self.timings}
         self.assign_holdout(pool)
-        outcome = self.train_or_reuse(label_map, pool, previous)
+        outcome = self.train_or_reuse(label_map, pool, previous, info, tasks)
         with self.timed("acquire_s"):
             regions, pushed, queued = self.predict_and_acquire(label_map, pool, tasks,
                                                                region_tasks, outcome)
@@ -215,10 +217,12 @@ class Cycle:
         return pool
 
     def train_or_reuse(self, label_map: LabelMap, pool: dict[int, PoolItem],
-                       previous: str | None) -> Outcome:
+                       previous: str | None, info: dict, tasks: list[dict]) -> Outcome:
         """3-4: train and save a new version, or reuse the current one when nothing
         changed since it (same annotations, classes, method; e.g. a retry after a failed
-        push)."""
+        push). With FIRST_VERSION, the cold start's network is published as a version as
+        soon as the cold start ends (`first_version.FirstVersion`; project and tasks for
+        pointing the project at it)."""
         train_items = [item for item in pool.values() if not item.holdout]
         holdout = [item for item in pool.values() if item.holdout and item.labelled]
         fingerprint = self.fingerprint(label_map, pool)
@@ -231,9 +235,14 @@ class Cycle:
             # networks loaded only if there is work for them
             return Outcome(previous, current_meta.get("metrics") or {},
                            current_meta.get("labelled_fraction"), len(holdout), trained=False)
+        early = FirstVersion(self, label_map, pool, info, tasks, {
+            "labelled_fraction": self.labelled_fraction(train_items),
+            "project": self.project, "method": self.settings.method,
+            "labelled_tasks": len([i for i in train_items if i.labelled]),
+            "holdout_tasks": len(holdout)}) if self.settings.first_version else None
         with self.timed("train_s"):
             student, teacher, metrics, state, config = self.train(
-                label_map, train_items, holdout, current_meta)
+                label_map, train_items, holdout, current_meta, early)
         with self.timed("save_s"):
             self.phase("save")
             labelled_fraction = self.labelled_fraction(train_items)
@@ -453,6 +462,7 @@ class Cycle:
 
     def train_config(self, warm: bool):
         from model.config import TrainConfig
+        from model.precision import resolve_precision
 
         s = self.settings
         iterations = int(s.train_iterations)
@@ -468,12 +478,17 @@ class Cycle:
             eval_every=iterations,
             device=s.resolve_device(),
             backbone_weights=backbone,
+            amp=s.amp,  # bf16 on CPUs with native bf16 and on recent GPUs (AMP=auto)
+            channels_last=resolve_precision(s.amp, s.resolve_device()).enabled,
+            time_budget_s=float(s.cycle_budget),  # iterations cut to fit (model.budget)
+            cold_start_budget_s=float(s.cold_start_budget),
             # Balanced ClassMix starts after the first cycle (S4AL supplement S1)
             balanced_classmix=warm,
         )
 
     def train(self, label_map: LabelMap, train_items: list[PoolItem],
-              holdout: list[PoolItem], current_meta: dict | None):
+              holdout: list[PoolItem], current_meta: dict | None,
+              early: Callable | None = None):
         from model.data import Sample
         from model.train import train_cycle
 
@@ -500,11 +515,9 @@ class Cycle:
                  config.cold_start_iterations, self.settings.train_crop,
                  "warm start" if init_state else "from the backbone")
         self.phase("train", message=f"{len(labelled)} labelled, {len(unlabelled)} images")
-        run = train_cycle
+        run = partial(train_cycle, on_cold_start_end=early)  # a first version, published early
         gpus = int(getattr(self.settings, "num_gpus", 1) or 1)
         if gpus > 1:  # NUM_GPUS: torchrun on this machine's GPUs (docs/DISTRIBUTED.md)
-            from functools import partial
-
             from model.launch import launch_train_cycle
 
             log.info("project %s: training on %d processes (torchrun)", self.project, gpus)
@@ -515,6 +528,10 @@ class Cycle:
         metrics = dict(result.metrics or {})
         if metrics:
             metrics["holdout_tasks"] = len(val)
+        # the iterations that ran: CYCLE_BUDGET / COLD_START_BUDGET may have cut them
+        # (a torchrun launch has no budget and keeps its state to itself)
+        if (result.state or {}).get("config"):
+            config = type(config).from_dict(result.state["config"])
         return result.student, result.teacher, metrics, result.state, config
 
     def follow_version(self, info: dict, version: str, tasks: list[dict]) -> str | None:
@@ -579,7 +596,11 @@ def run_cycle(settings: Settings, project: int, *, reason: str = "",
               fetcher: ImageFetcher | None = None) -> dict:
     """Run one active-learning cycle for `project`; returns a JSON-ready summary (status,
     version, metrics, regions created, predictions pushed, skipped annotations, timings)."""
-    result = Cycle(settings, project, reason=reason, progress=progress, studio=studio,
-                   fetcher=fetcher).run()
+    try:
+        result = Cycle(settings, project, reason=reason, progress=progress, studio=studio,
+                       fetcher=fetcher).run()
+    except StudioError as exc:  # the job fails and retries; say plainly why
+        log.warning("project %s: training could not reach Label Studio: %s", project, exc)
+        raise
     history.record_cycle(settings, project, result)  # the dashboard's learning curve
     return result

@@ -30,6 +30,7 @@ DEFAULT_RUNNER = "s4al_backend.cycle:run_cycle"
 
 RETRY_INTERVALS: tuple[int, ...] = (30, 120, 600)  # seconds before retry 1, 2, 3
 PROGRESS_EVERY = 1.0  # seconds between progress writes to Redis
+PROGRESS_LOG_EVERY = 60.0  # seconds between progress lines in the log
 RETRY_NOW = "the retry waiting for its backoff runs now"
 
 Runner = Callable[..., dict]
@@ -70,8 +71,8 @@ def load_runner(path: str) -> Runner:
 # --------------------------------------------------------------------------- progress
 class ProgressReporter:
     """Receives the cycle's progress dicts; keeps the latest, forwards it to `sink` at
-    most every PROGRESS_EVERY seconds (and on every phase change), and logs phase changes
-    and every tenth of the training iterations."""
+    most every PROGRESS_EVERY seconds (and on every phase change), and logs phase changes,
+    a progress line every PROGRESS_LOG_EVERY seconds and each phase's last iteration."""
 
     def __init__(self, project: int, sink: Callable[[dict], None] | None = None):
         self.project = project
@@ -79,7 +80,7 @@ class ProgressReporter:
         self.latest: dict = {}
         self._last_write = 0.0
         self._last_phase = None
-        self._last_decile = -1
+        self._last_line = time.monotonic()
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -96,25 +97,18 @@ class ProgressReporter:
                 )
             self._phase_started = now
             self._last_phase = phase
-            self._last_decile = -1
+            self._last_line = now
             log.info("project %s: %s%s", self.project, phase,
                      f" ({update['message']})" if update.get("message") else "")
-        self.latest = {**self.latest, **update, "updated_at": time.time()}
+        # a new phase starts afresh: no stale rate or ETA of the previous one in /status
+        self.latest = {**({} if changed else self.latest), **update, "updated_at": time.time()}
         if "message" not in update and not changed:
             self.latest.pop("message", None)
         total, iteration = update.get("total"), update.get("iteration")
-        if isinstance(total, int) and isinstance(iteration, int) and total > 0:
-            decile = iteration * 10 // total if total >= 10 else (10 if iteration >= total
-                                                                  else -1)
-            if decile > self._last_decile:
-                self._last_decile = decile
-                loss = update.get("loss")
-                eta = update.get("eta_s")
-                log.info(
-                    "project %s: %s %d/%d%s%s", self.project, phase, iteration, total,
-                    f" loss {loss:.3f}" if isinstance(loss, float) else "",
-                    f" eta {eta:.0f} s" if isinstance(eta, float | int) else "",
-                )
+        if isinstance(total, int) and isinstance(iteration, int) and total > 0 and (
+                now - self._last_line >= PROGRESS_LOG_EVERY or iteration == total):
+            self._last_line = now
+            log.info("project %s: %s", self.project, progress_line(update))
         if self.sink and (changed or now - self._last_write >= PROGRESS_EVERY):
             self._last_write = now
             try:
@@ -129,6 +123,20 @@ class ProgressReporter:
                 - self._phase_started
             )
         return {k: round(v, 3) for k, v in self.phase_times.items()}
+
+
+def progress_line(update: dict) -> str:
+    """`s4al 334/2000 loss 0.512, 0.25 it/s, phase eta 6664 s, eta 6664 s`."""
+    parts = [f"{update.get('phase')} {update['iteration']}/{update['total']}"]
+    loss, rate = update.get("loss"), update.get("rate")
+    if isinstance(loss, float):
+        parts[0] += f" loss {loss:.3f}"
+    if isinstance(rate, float | int):
+        parts.append(f"{rate:.2f} it/s")
+    for key, name in (("phase_eta_s", "phase eta"), ("eta_s", "eta")):
+        if isinstance(update.get(key), float | int):
+            parts.append(f"{name} {update[key]:.0f} s")
+    return ", ".join(parts)
 
 
 def _jsonable(value: Any) -> bool:

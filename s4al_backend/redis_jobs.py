@@ -437,8 +437,8 @@ def _record_failure(connection, keys: Keys, job, exc: BaseException) -> None:
     if isinstance(exc, JobTimeoutException):
         # the same cycle would time out again: no retry; the next webhook queues one
         job.retries_left = 0
-        exc = RuntimeError(f"{exc} (JOB_TIMEOUT={job.timeout} s: raise it or lower "
-                           "TRAIN_ITERATIONS)")
+        exc = RuntimeError(f"{exc} (JOB_TIMEOUT={job.timeout} s: raise it, or lower "
+                           "CYCLE_BUDGET)")
     will_retry = bool(job.retries_left)
     if will_retry:
         # keep this job as the project's queued cycle until its retry runs, unless a

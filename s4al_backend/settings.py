@@ -33,6 +33,11 @@ __all__ = [
 METHODS = ("s4al", "tsf-plar", "mean-teacher", "supervised")
 ACQUISITIONS = ("entropy", "margin", "least-confidence", "random")
 ACQUIRERS = ("student", "teacher")
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # model.precision.AMP_CHOICES
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
+# the job's time besides training: reading, images, predicting and scoring the pool, pushes
+JOB_MARGIN_S = 3600
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -69,6 +74,7 @@ class Settings:
     image_cache_mb: int = 1024
     backbone_weights: str = "auto"
     torch_threads: int = 0
+    amp: str = "auto"
     # the web service
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
@@ -90,6 +96,9 @@ class Settings:
     regions_per_image: int = 4
     regions_per_cycle: int = 20
     keep_versions: int = 5
+    cycle_budget: int = 2400
+    cold_start_budget: int = 300
+    first_version: bool = True
     job_timeout: int = 7200
     num_gpus: int = 1
 
@@ -120,6 +129,7 @@ class Settings:
             "image_cache_mb": read.integer("IMAGE_CACHE_MB", 1024, minimum=0),
             "backbone_weights": read.backbone("BACKBONE_WEIGHTS"),
             "torch_threads": read.integer("TORCH_THREADS", 0, minimum=0),
+            "amp": read.choice("AMP", "auto", AMP_MODES),
             "basic_auth_user": read.text("BASIC_AUTH_USER", ""),
             "basic_auth_pass": read.text("BASIC_AUTH_PASS", ""),
             "log_level": read.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
@@ -139,7 +149,9 @@ class Settings:
             "regions_per_image": read.integer("REGIONS_PER_IMAGE", 4, minimum=1),
             "regions_per_cycle": read.integer("REGIONS_PER_CYCLE", 20, minimum=0),
             "keep_versions": read.integer("KEEP_VERSIONS", 5, minimum=1),
-            "job_timeout": read.integer("JOB_TIMEOUT", 7200, minimum=1),
+            "cycle_budget": read.integer("CYCLE_BUDGET", 2400, minimum=0),
+            "cold_start_budget": read.integer("COLD_START_BUDGET", 300, minimum=0),
+            "first_version": read.boolean("FIRST_VERSION", True),
             "num_gpus": read.integer("NUM_GPUS", 1, minimum=1),
         }
         if ":" in values["basic_auth_user"] or not values["basic_auth_user"].isprintable():
@@ -147,6 +159,9 @@ class Settings:
                 "BASIC_AUTH_USER: must not contain ':' or control characters (HTTP basic "
                 "auth sends user:password, so no client could ever log in)"
             )
+        # unset: the job outlives the training budget, so no default cycle is ever killed
+        values["job_timeout"] = read.integer(
+            "JOB_TIMEOUT", default_job_timeout(values["cycle_budget"]), minimum=1)
         if bool(values["basic_auth_user"]) != bool(values["basic_auth_pass"]):
             missing = "BASIC_AUTH_PASS" if values["basic_auth_user"] else "BASIC_AUTH_USER"
             raise SettingsError(
@@ -224,6 +239,12 @@ def looks_like_token(value: object) -> bool:
         return False
     return bool(_HEX40.fullmatch(value) or _TOKEN_CHARS.fullmatch(value)
                 or _JWT.fullmatch(value))
+def default_job_timeout(cycle_budget: int) -> int:
+    """JOB_TIMEOUT when unset: the training budget plus JOB_MARGIN_S, at least 2 h; a day
+    when training has no budget."""
+    if cycle_budget <= 0:
+        return 24 * 3600
+    return max(7200, cycle_budget + JOB_MARGIN_S)
 
 
 def redact_url(url: str) -> str:
@@ -276,6 +297,15 @@ class _Reader:
 
     def text(self, name: str, default: str) -> str:
         return self._parse(name, default, str)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        def parse(value: str) -> bool:
+            lowered = value.strip().lower()
+            if lowered not in _BOOLEANS:
+                raise ValueError(f"must be true or false (1/0, yes/no, on/off); got {value!r}")
+            return _BOOLEANS[lowered]
+
+        return self._parse(name, default, parse)
 
     def integer(self, name: str, default: int, minimum: int = 0) -> int:
         def parse(value: str) -> int:

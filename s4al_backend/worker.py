@@ -1,7 +1,7 @@
 """A training worker: `python -m s4al_backend.worker` (REDIS_URL must be set).
 
 It is an RQ `SimpleWorker` on QUEUE_NAME: jobs run in the worker process itself, never in
-a fork (a forked job can deadlock inside torch's thread pool; ../shared/ENVIRONMENT.md).
+a fork (a forked job can deadlock inside torch's thread pool).
 It also runs RQ's scheduler, which the retries with backoff need, in a thread of its own
 (RQ's `--with-scheduler` forks a child that outlives a SIGKILLed worker). When Redis goes
 away, even mid-job, the worker waits for it with backoff and carries on. Start any

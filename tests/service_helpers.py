@@ -195,6 +195,7 @@ def make_settings(tmp_path: Path, server: FileServer | None = None, **overrides)
         image_cache_dir=tmp_path / "model_dir" / "image_cache",
         device="cpu",
         backbone_weights="none",
+        first_version=False,  # one version per cycle; tests/test_first_version.py covers it
     )
     return replace(base, **overrides)
 

@@ -82,9 +82,11 @@ def save_model(settings, classes=CAMVID_CLASSES, seed=0, project="1"):
 
 
 def reference_classes(settings, project, image):
-    """What the model predicts, argmax straight from model/."""
+    """What the model predicts, argmax straight from model/, at the service's precision
+    (AMP: bf16 on a CPU with native bf16)."""
     model, _ = project_store(settings.model_dir, project).load()
-    probs = next(predict_probabilities(model, [image], batch_size=1, device="cpu"))
+    probs = next(predict_probabilities(model, [image], batch_size=1, device="cpu",
+                                       amp=settings.amp))
     return probs.argmax(0).numpy()
 
 

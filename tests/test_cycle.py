@@ -44,6 +44,7 @@ TINY = {
     "DEVICE": "cpu",
     "BACKBONE_WEIGHTS": "none",
     "TORCH_THREADS": "1",
+    "FIRST_VERSION": "false",  # one version per cycle (tests/test_first_version.py)
 }
 
 

@@ -86,8 +86,9 @@ def test_conv_backward_flops_count_groups(groups):
 def test_resolve_precision_choices_on_cpu():
     assert mp.resolve_precision("off", "cpu").mode == "fp32"
     assert mp.resolve_precision(None, "cpu").mode == "fp32"
-    assert mp.resolve_precision("auto", "cpu").mode == "fp32"  # CPU: bf16 only when asked
-    assert mp.resolve_precision(True, "cpu").mode == "fp32"
+    native = "bf16" if mp.cpu_native_bf16() else "fp32"  # auto on CPU: bf16 where native
+    assert mp.resolve_precision("auto", "cpu").mode == native
+    assert mp.resolve_precision(True, "cpu").mode == native
     bf16 = mp.resolve_precision("bf16", "cpu")
     assert (bf16.dtype, bf16.enabled, bf16.needs_scaler) == (torch.bfloat16, True, False)
     fp16 = mp.resolve_precision("fp16", "cpu")
@@ -194,3 +195,31 @@ def test_label_efficiency_plan_runs_the_key_rows_within_its_budget(camvid_root, 
     # the two acquisition rows trained cycle 0 once, whichever came first
     shared = [rows[r]["cycles"][0]["cycle0_shared"] for r in ("entropy-regions", "random-regions")]
     assert sorted(shared) == [False, True]
+
+
+CPUINFO = """processor\t: 0
+flags\t\t: fpu sse avx2 avx512f {extra}
+processor\t: 1
+flags\t\t: fpu sse avx2 avx512f {extra}
+"""
+
+
+def test_native_bf16_read_from_cpuinfo_flags(tmp_path):
+    assert mp.cpu_bf16_flags(CPUINFO.format(extra="amx_tile amx_bf16 avx512_bf16")) == {
+        "amx_bf16", "avx512_bf16"}
+    assert mp.cpu_bf16_flags(CPUINFO.format(extra="avx512_vnni")) == set()
+    plain = tmp_path / "cpuinfo"
+    plain.write_text(CPUINFO.format(extra=""))
+    assert mp.cpu_native_bf16(plain) is False
+    native = tmp_path / "cpuinfo-amx"
+    native.write_text(CPUINFO.format(extra="amx_bf16"))
+    assert mp.cpu_native_bf16(native) is torch.backends.mkldnn.is_available()
+    assert mp.cpu_native_bf16(tmp_path / "absent") is False
+
+
+def test_auto_is_bf16_on_a_native_cpu_only(monkeypatch):
+    monkeypatch.setattr(mp, "cpu_native_bf16", lambda: True)
+    assert mp.resolve_precision("auto", "cpu").mode == "bf16"
+    assert mp.resolve_precision("off", "cpu").mode == "fp32"  # the off switch
+    monkeypatch.setattr(mp, "cpu_native_bf16", lambda: False)
+    assert mp.resolve_precision("auto", "cpu").mode == "fp32"

@@ -82,9 +82,16 @@ def test_eval_mode_during_and_mode_restored_after(camvid_root):
     assert model.training
 
 
-def test_amp_is_ignored_on_cpu(camvid_root):
-    images = _mixed_images(camvid_root)[:1]
-    model = RecordingModel()
-    plain = next(predict_probabilities(model, images))
-    amp = next(predict_probabilities(model, images, amp=True))
-    assert torch.equal(plain, amp)
+def test_amp_off_is_fp32_and_bf16_agrees_on_cpu(camvid_root):
+    images = _mixed_images(camvid_root)[:2]
+    model = DeepLabV3Plus(11).eval()
+    plain = list(predict_probabilities(model, images))
+    assert all(torch.equal(a, b) for a, b in zip(plain, predict_probabilities(
+        model, images, amp="off"), strict=True))
+    bf16 = list(predict_probabilities(model, images, amp="bf16"))
+    first_conv = model.encoder[0][0].weight
+    assert first_conv.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(plain, bf16, strict=True):
+        assert b.dtype == torch.float32 and not torch.equal(a, b)  # bf16 really ran
+        agreement = (a.argmax(0) == b.argmax(0)).float().mean().item()
+        assert agreement >= 0.95, agreement

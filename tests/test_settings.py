@@ -168,3 +168,23 @@ def test_resolve_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert Settings(device="auto").resolve_device() == expected
     assert Settings(device="cuda:1").resolve_device() == "cuda:1"  # as given, not probed
+
+
+def test_precision_defaults_to_auto_with_an_off_switch():
+    from model.precision import AMP_CHOICES
+    from s4al_backend.settings import AMP_MODES
+
+    assert set(AMP_MODES) == set(AMP_CHOICES)
+    assert Settings.from_env({}).amp == "auto"
+    assert Settings.from_env({"AMP": "OFF"}).amp == "off"
+    with pytest.raises(SettingsError, match="^AMP: must be one of"):
+        Settings.from_env({"AMP": "fp8"})
+
+
+def test_job_timeout_follows_the_training_budget():
+    defaults = Settings.from_env({})
+    assert (defaults.cycle_budget, defaults.cold_start_budget) == (2400, 300)
+    assert defaults.job_timeout >= defaults.cycle_budget + 3600
+    assert Settings.from_env({"CYCLE_BUDGET": "10800"}).job_timeout == 10800 + 3600
+    assert Settings.from_env({"CYCLE_BUDGET": "0"}).job_timeout == 24 * 3600  # no budget
+    assert Settings.from_env({"CYCLE_BUDGET": "10800", "JOB_TIMEOUT": "60"}).job_timeout == 60

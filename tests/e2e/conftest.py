@@ -5,8 +5,8 @@ real processes, the real Redis on 127.0.0.1:6379.
   into a template data dir (`label-studio init -q`, ~60 s of CPU) and every server starts
   from a copy of it (5-8 s). Missing `.venv-ls` is a test *failure*, never a skip: CI
   installs it through `make test`.
-- The server serves ~20 CamVid images (../shared/data/camvid when present, else the
-  bundled tests/fixtures/camvid), downscaled to 160x120, through its local-files storage.
+- The server serves up to 20 CamVid images (the bundled tests/fixtures/camvid, or the
+  CamVid folder S4AL_E2E_CAMVID names), at 160x120, through its local-files storage.
 - `backend_stack` starts gunicorn (`_wsgi:app`) and `python -m s4al_backend.worker` with a
   fresh MODEL_DIR, a queue name of their own and tiny training settings.
 
@@ -38,8 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 LS_VENV = Path(os.environ.get("S4AL_E2E_LS_VENV") or REPO / ".venv-ls")
 LS_BIN = LS_VENV / "bin" / "label-studio"
 VENV_BIN = Path(sys.executable).parent
-SHARED_CAMVID = REPO.parent / "shared" / "data" / "camvid"
-FIXTURE_CAMVID = REPO / "tests" / "fixtures" / "camvid"
+CAMVID = Path(os.environ.get("S4AL_E2E_CAMVID") or REPO / "tests" / "fixtures" / "camvid")
 
 N_IMAGES = 20
 DOWNSCALE = 3  # 480x360 -> 160x120 (the bundled fixture is already 160x120)
@@ -65,6 +64,7 @@ _BACKEND_NAMES = (
     "HOLDOUT_FRACTION", "ACQUISITION", "ACQUIRE_WITH", "REGION_SIZE", "REGIONS_PER_IMAGE",
     "REGIONS_PER_CYCLE", "KEEP_VERSIONS", "JOB_TIMEOUT", "NUM_GPUS", "PREDICT_CONCURRENCY",
     "MAX_PREDICT_PIXELS", "IMAGE_TIMEOUT",
+    "AMP", "CYCLE_BUDGET", "COLD_START_BUDGET", "FIRST_VERSION",
 )
 
 # Tiny training: each cycle takes seconds on one CPU thread.
@@ -85,6 +85,7 @@ TINY_TRAINING = {
     "REGIONS_PER_CYCLE": "4",
     "TRAIN_AFTER_ANNOTATIONS": "4",
     "JOB_TIMEOUT": "600",
+    "FIRST_VERSION": "false",  # one version per cycle, as the tests count them
     "LOG_LEVEL": "INFO",
 }
 
@@ -241,7 +242,7 @@ def _pick_names(root: Path, count: int) -> list[tuple[str, str]]:
 def camvid_images(tmp_path_factory) -> ImageSet:
     import json
 
-    source = SHARED_CAMVID if (SHARED_CAMVID / "train").is_dir() else FIXTURE_CAMVID
+    source = CAMVID
     classes = json.loads((source / "classes.json").read_text())["classes"]
     root = tmp_path_factory.mktemp("ls-docroot")
     (root / "all").mkdir()

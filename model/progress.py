@@ -76,7 +76,9 @@ class FitProgress:
     """A trainer's progress and time budget: `measure(phase)` after each iteration (speed,
     and new phase ends from the budget, applied with `trainer.replan`); `update(phase,
     loss)` is the progress dict: phase, iteration, total, loss, rate (iterations/s of the
-    phase, recent), eta_s (the cycle), phase_eta_s, phases (model.progress.phase_table).
+    phase, recent), eta_s (the cycle; always a number: the fit's average speed until the
+    phase's rate is measured, and never past the budget), phase_eta_s, phases
+    (model.progress.phase_table).
 
     `trainer` needs `config` (cold_start_iterations, iterations, method, time_budget_s,
     cold_start_budget_s), `iteration` and `replan(cold_end, total)`."""
@@ -85,6 +87,8 @@ class FitProgress:
                  clock: Callable[[], float] = time.monotonic):
         self.trainer = trainer
         config = trainer.config
+        self.clock = clock
+        self.started, self.start_iteration = clock(), trainer.iteration
         self.rate = PhaseRate(clock=clock)
         self.rates: dict[str, float] = {}
         self.measured = 0
@@ -107,6 +111,11 @@ class FitProgress:
                                 Plan(config.cold_start_iterations, config.iterations))
         trainer.replan(plan.cold_end, plan.total)
 
+    def average_eta_s(self, remaining: int) -> float:
+        """At the fit's average speed: the fallback until a phase's rate is measured."""
+        done = max(self.trainer.iteration - self.start_iteration, 1)
+        return remaining * (self.clock() - self.started) / done
+
     def update(self, phase: str, loss: float) -> dict:
         config, iteration = self.trainer.config, self.trainer.iteration
         cold, total = config.cold_start_iterations, config.iterations
@@ -115,10 +124,10 @@ class FitProgress:
         current = phase if phase in bounds else self.rate.phase or config.method
         phases = phase_table(bounds, iteration, current, self.rates)
         etas = [row["eta_s"] for row in phases.values()]
-        eta = sum(etas) if None not in etas else None
+        eta = sum(etas) if None not in etas else self.average_eta_s(total - iteration)
         left = self.budget.remaining_s()
         if left is not None:  # the budget ends the cycle by then, whatever the rate says
-            eta = left if eta is None else min(eta, left)
+            eta = min(eta, left)
         return {
             "phase": phase,
             "iteration": iteration,

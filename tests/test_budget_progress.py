@@ -162,3 +162,19 @@ def test_the_eta_never_exceeds_the_budget_left():
     update = tracker.update("cold-start", 1.0)
     assert update["eta_s"] == pytest.approx(500)  # 600 s budget, 100 s spent
     assert trainer.config.cold_start_iterations == 60  # what fits in the 600 s
+
+
+def test_the_eta_is_a_number_from_the_first_iteration():
+    clock = Clock()
+
+    class FakeTrainer:
+        config = tiny_config(iterations=100, cold_start_iterations=10)
+        iteration = 0
+
+    trainer = FakeTrainer()
+    tracker = FitProgress(trainer, clock=clock)
+    clock.now += 3.0
+    trainer.iteration = 1
+    tracker.measure("cold-start")
+    update = tracker.update("cold-start", 1.0)
+    assert update["rate"] is None and update["eta_s"] == pytest.approx(99 * 3.0)

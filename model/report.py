@@ -70,7 +70,7 @@ def markdown(results: dict) -> str:
     lines = ["# Label efficiency (model.simulate)", ""]
     if not rows:
         return "\n".join([*lines, "No rows yet.", ""])
-    first = rows[0]
+    first = header_row(rows)
     p = first["protocol"]
     lines += [
         f"Protocol `{p['name']}`, seed {first['seed']}: {first['train_images']} train / "
@@ -82,6 +82,7 @@ def markdown(results: dict) -> str:
         f"({p['selection']}), scored by the {p['score_with']}; mIoU of the "
         f"{p['eval_with']} on val. Backbone: {first['backbone_weights']}.",
         "",
+        *setting_differences(rows, first),
     ]
     full = results["full"]
     if full is None:
@@ -124,6 +125,47 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def header_row(rows: list[dict]) -> dict:
+    """The row whose settings the report's header describes: the first acquisition row
+    (the one the protocol is about), else the first row."""
+    return next((row for row in rows if row.get("acquisition")), rows[0])
+
+
+# what rows of one comparison are allowed to differ in: their identity and the bookkeeping
+_ROW_OWN = {"row", "method", "start", "acquisition", "heuristic", "cycle_budget_pixels",
+            "cycles", "complete", "command", "torch", "threads", "host"}
+_PROTOCOL_OWN = {"description", "rows"}
+
+
+def _shaping_settings(row: dict) -> dict:
+    settings = {k: v for k, v in row.items() if k not in _ROW_OWN}
+    protocol = settings.pop("protocol", {})
+    settings.update({k: v for k, v in protocol.items() if k not in _PROTOCOL_OWN})
+    return settings
+
+
+def setting_differences(rows: list[dict], reference: dict) -> list[str]:
+    """Markdown lines naming every row run with other settings than the header's row (e.g.
+    a `full` row kept from an earlier start split: it never reads the split), so a reader
+    sees what was not held equal."""
+    base = _shaping_settings(reference)
+    lines = []
+    for row in rows:
+        own = _shaping_settings(row)
+        keys = sorted(k for k in base.keys() | own.keys() if base.get(k) != own.get(k))
+        if keys:
+            shown = ", ".join(f"{k} = {own.get(k)!r} (header: {base.get(k)!r})" for k in keys)
+            lines.append(f"- `{row['row']}` was run with other settings: {shown}.")
+    return [*lines, ""] if lines else []
+
+
+def full_reference_lines(ax, miou: float, label: str) -> None:
+    """`full` as a horizontal line with its 95% level (its 100% of the pixels would
+    squash the x axis)."""
+    ax.axhline(miou, color="black", lw=1.2, label=label)
+    ax.axhline(0.95 * miou, color="black", lw=0.8, ls=":", label="95% of full")
+
+
 def plar_table(rows: list[dict]) -> list[str]:
     """Markdown lines on what the tsf rows' error masks, PLAR and queue did at each cycle
     (`model.refinement.plar_audit` against the truth, and the queued pixels acquisition took);
@@ -155,8 +197,8 @@ def plar_table(rows: list[dict]) -> list[str]:
 
 
 def plot(results: dict, path: str | Path) -> None:
-    """mIoU against labelled-pixel share, one line per row (cycles as points); ``full`` as
-    a horizontal line with its 95% level, as its 100% would squash the x axis."""
+    """mIoU against labelled-pixel share, one line per row (cycles as points), ``full`` as
+    its reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,8 +211,7 @@ def plot(results: dict, path: str | Path) -> None:
             continue
         if row["row"] == "full":
             miou = 100 * cycles[-1]["miou"]
-            ax.axhline(miou, color="black", lw=1.2, label=f"full (100% px): {miou:.1f}")
-            ax.axhline(0.95 * miou, color="black", lw=0.8, ls=":", label="95% of full")
+            full_reference_lines(ax, miou, f"full (100% px): {miou:.1f}")
             continue
         x = [100 * c["labelled_fraction"] for c in cycles]
         y = [100 * c["miou"] for c in cycles]
@@ -182,8 +223,8 @@ def plot(results: dict, path: str | Path) -> None:
     ax.set_ylabel("val mIoU (%)")
     rows = results["rows"]
     if rows:
-        p = rows[0]["protocol"]
-        ax.set_title(f"{p['name']}, seed {rows[0]['seed']}")
+        first = header_row(rows)
+        ax.set_title(f"{first['protocol']['name']}, seed {first['seed']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

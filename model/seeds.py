@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from model.atomic import atomic_write, atomic_write_bytes
-from model.report import ROW_ORDER, collect
+from model.report import ROW_ORDER, collect, full_reference_lines
 
 TARGET_PCT_OF_FULL = 95.0
 TARGET_MAX_LABELLED = 0.15
@@ -137,8 +137,7 @@ def plot(summary: dict, rows: dict[str, dict[int, list[dict]]], path: Path) -> N
     for name, cycles in summary["rows"].items():
         if name == "full":
             miou = 100 * cycles[-1]["miou"]
-            left.axhline(miou, color="black", lw=1.2, label=f"full: {miou:.1f}")
-            left.axhline(0.95 * miou, color="black", lw=0.8, ls=":", label="95% of full")
+            full_reference_lines(left, miou, f"full: {miou:.1f}")
             continue
         x = [100 * c["labelled_fraction"] for c in cycles]
         y = [100 * c["miou"] for c in cycles]

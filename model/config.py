@@ -69,6 +69,10 @@ class TrainConfig:
     # Augmentation (Table S2, CamVid): random scale 0.75-1.25, crop, flip, colour jitter.
     crop_size: tuple[int, int] = (360, 480)
     scale_range: tuple[float, float] = (0.75, 1.25)
+    # The strong view's own zoom against the weak one (z in this range, > 1 zooms in; the
+    # targets are warped with it, model.strong_zoom). None: both views share one geometry
+    # and differ by colour only. Off until camvid-lab shows it helps (issue 12, item 4).
+    strong_zoom: tuple[float, float] | None = None
 
     # Bookkeeping.
     eval_every: int = 500
@@ -136,6 +140,10 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         self.crop_size = tuple(self.crop_size)
         self.scale_range = tuple(self.scale_range)
+        if self.strong_zoom is not None:
+            self.strong_zoom = tuple(self.strong_zoom)
+            if not 0 < self.strong_zoom[0] <= self.strong_zoom[1]:
+                raise ValueError(f"strong_zoom must be 0 < low <= high, got {self.strong_zoom}")
 
     def teacher_momentum(self) -> float:
         """The EMA decay this cycle trains with (see ema_horizon)."""

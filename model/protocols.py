@@ -41,6 +41,7 @@ class Protocol:
     channels_last: bool = False
     eval_every: int = 0  # > 0: val mIoU every N iterations, the cycle's curve in the JSON
     crop_width: int | None = None
+    strong_zoom: tuple[float, float] | None = None  # TrainConfig.strong_zoom (issue 12 item 4)
     rows: tuple[str, ...] = ROW_ORDER
 
     @property

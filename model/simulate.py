@@ -45,6 +45,7 @@ from model.precision import AMP_CHOICES
 from model.protocols import PROTOCOLS, Protocol, parse_row
 from model.report import ROW_ORDER
 from model.simulation import Context, SimulationError, backbone_note, run_row, update_report
+from model.train import parse_range
 
 
 def _describe(protocol: Protocol) -> str:
@@ -155,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last", action=argparse.BooleanOptionalAction, help="NHWC model and batches"
     )
     over.add_argument(
+        "--strong-zoom",
+        type=parse_range,
+        help="LOW,HIGH: the strong view's own zoom against the weak one (model.strong_zoom)",
+    )
+    over.add_argument(
         "--eval-every", type=int, help="val mIoU every N iterations of a cycle (0: at its end)"
     )
     over.add_argument("--replay-size", type=int, help="Balanced ClassMix replay buffer size")
@@ -224,6 +230,7 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
         "amp": args.amp,
         "channels_last": args.channels_last,
         "eval_every": args.eval_every,
+        "strong_zoom": args.strong_zoom,
     }
     changes.update({k: v for k, v in simple.items() if v is not None})
     if args.backbone_weights is not None:

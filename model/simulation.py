@@ -145,6 +145,7 @@ def cycle_config(ctx: Context, spec: RowSpec, cycle: int) -> TrainConfig:
         # Supplement S1: Balanced ClassMix starts once the first acquisition has happened
         balanced_classmix=cycle > 0,
         crop_size=(p.crop, p.crop_width or p.crop),
+        strong_zoom=p.strong_zoom,
         eval_every=p.eval_every,
         eval_batch_size=p.eval_batch_size,
         amp=p.amp,
@@ -459,7 +460,8 @@ def _comparable(settings: dict, cycles_done: int) -> dict:
     protocol["iterations"] = list(protocol["iterations"])[:cycles_done]
     protocol.pop("rows", None)
     protocol.pop("description", None)
-    kept["protocol"] = protocol
+    # a field added later (None by default) was not in older states: absent == None
+    kept["protocol"] = {k: v for k, v in protocol.items() if v is not None}
     return kept
 
 

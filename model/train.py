@@ -391,6 +391,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def parse_range(text: str) -> tuple[float, float]:
+    """Parse a range: "0.8,1.25" -> (0.8, 1.25)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH like 0.8,1.25, got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     default = " (default: %(default)s)"
@@ -440,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.replay_size,
         help="s4al's Balanced ClassMix replay buffer size M" + default,
+    )
+    arg(
+        "--strong-zoom",
+        type=parse_range,
+        help="LOW,HIGH: zoom the student's strong view by a factor in this range against "
+        "the teacher's view, targets warped with it (default: one geometry for both)",
     )
     arg(
         "--eval-every",
@@ -556,6 +573,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_unlabelled=args.batch_size,
         replay_size=args.replay_size,
         crop_size=crop,
+        strong_zoom=args.strong_zoom,
         eval_every=args.eval_every,
         num_workers=args.workers,
         seed=args.seed,

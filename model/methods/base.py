@@ -27,8 +27,10 @@ from torch.utils.data import Dataset, default_collate
 
 from model import distributed
 from model.config import TrainConfig
+from model.ignore import IGNORE_INDEX
 from model.mixing import ClassSampler, RandomHalf, ReplayBuffer, apply_mix, classmix_masks
 from model.ssl import EMATeacher, eta, weighted_ce
+from model.strong_zoom import warp_image, warp_map, zoom_grids
 
 
 @dataclass
@@ -147,6 +149,16 @@ class Views:
         """Self where `mask` (N x H x W) is set, `other` elsewhere."""
         return Views(*apply_mix(mask, self.tensors(), other.tensors()))
 
+    def zoomed(self, grid: Tensor) -> Views:
+        """The image and its targets resampled by `grid` (model.strong_zoom)."""
+        return Views(
+            warp_image(self.image, grid),
+            warp_map(self.label, grid, IGNORE_INDEX),
+            warp_map(self.weight, grid, 0.0),
+            warp_map(self.raw, grid, IGNORE_INDEX),
+            warp_map(self.confidence, grid, 0.0),
+        )
+
     def rolled(self) -> Views:
         """Each image's batch neighbour i+1."""
         return Views(*(t.roll(-1, dims=0) for t in self.tensors()))
@@ -194,13 +206,13 @@ class MixingStep(TrainStep):
             torch.cat([getattr(v, name) for v in views]) for name in ("weak", "mask", "valid")
         )
         targets = self.targets(batch, weak, partial, valid)
-        current = Views.of(u.strong, targets, slice(0, n))
+        current = self.own_geometry(Views.of(u.strong, targets, slice(0, n)))
         # ClassMix: image i's sampled classes (from the raw pseudo-label, so pasted objects
         # stay whole) onto its batch neighbour i+1
         mixed = current.mixed_onto(classmix_masks(current.raw, self.classmix), current.rolled())
         inputs = [batch.images, mixed.image]
         if replayed is not None:  # Balanced ClassMix: head and tail classes of a replayed image
-            replay = Views.of(replayed.strong, targets, slice(n, None))
+            replay = self.own_geometry(Views.of(replayed.strong, targets, slice(n, None)))
             balanced = replay.mixed_onto(
                 classmix_masks(replay.raw, self.trainer.class_sampler), current
             )
@@ -214,6 +226,16 @@ class MixingStep(TrainStep):
         if replayed is not None:
             losses["replay"] = self.unsupervised_loss(logits[2], balanced)
         return losses
+
+    def own_geometry(self, views: Views) -> Views:
+        """The student's views zoomed against the teacher's (`TrainConfig.strong_zoom`), or
+        as they are (the default: both views share one geometry)."""
+        zoom = self.trainer.config.strong_zoom
+        if zoom is None:
+            return views
+        size = (views.image.shape[-2], views.image.shape[-1])
+        grid = zoom_grids(len(views.image), size, zoom, self.trainer.generator, views.image.device)
+        return views.zoomed(grid)
 
     def unsupervised_loss(self, logits: Tensor, views: Views) -> Tensor:
         """Eq. 4 (Eq. 5 with confidence weighting): cross-entropy on the targets, each image

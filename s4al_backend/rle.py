@@ -19,6 +19,10 @@ including literal tokens and other field sizes written by Label Studio's front e
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +39,10 @@ _PREFIX = np.array(
 )
 _U8, _U32, _LOW32 = np.uint64(8), np.uint64(32), np.uint64(0xFFFFFFFF)
 _WIDTH = np.array([14, 14, 15, 19, 27], dtype=np.int64)
-
+# positions from here on need int64 tables (the sentinel must fit above them)
+_INT32_BITS = 1 << 30
+# tokens per start the chain's C-speed chase keeps (fewer Python ints; numpy fills in)
+_CHASE = 4
 
 
 class RLEError(ValueError):
@@ -137,40 +144,73 @@ class _Stream:
     """A bit stream and its token grammar (word size, the four run-length field sizes)."""
 
     def __init__(self, data: np.ndarray, word: int, sizes: np.ndarray):
-        self.data = data
         self.n_bits = data.size * 8
         self.word = word
         self.sizes = sizes
-        # a 64-bit window starting at every byte (8 bytes of memory per byte of RLE)
-        padded = np.zeros(data.size + 8, dtype=np.uint64)
-        padded[: data.size] = data
-        self.u64 = np.zeros(data.size, dtype=np.uint64)
-        for k in range(8):
-            self.u64 |= padded[k : k + data.size] << np.uint64(56 - 8 * k)
+        self.head_field = np.tile(sizes, 2).astype(np.uint32)  # by flag and field index
+        self.field_of = tuple(self.head_field.tolist())
+        self.padded = np.zeros(data.size + 8, dtype=np.uint8)
+        self.padded[: data.size] = data
+        self.raw = memoryview(self.padded)
+        # a big-endian 64-bit window starting at every byte (8 bytes of memory per byte of
+        # RLE): a view with overlapping 8-byte items one byte apart, copied once
+        self.u64 = np.ndarray((data.size,), dtype=">u8", buffer=self.padded,
+                              strides=(1,)).astype(np.uint64)
 
     def tokens(self, pos: np.ndarray):
         """Every position read as a token start: (value count, repeat flag, field size,
-        length in bits)."""
-        win = _windows(self.u64, pos)
-        field = self.sizes[(win >> np.uint64(29)).astype(np.int64) & 3]
-        count = ((win >> (np.uint64(29) - field.astype(np.uint64))).astype(np.int64)
-                 & ((1 << field) - 1)) + 1
-        repeat = (win >> np.uint64(31)).astype(bool)
-        return count, repeat, field, 3 + field + self.word * np.where(repeat, 1, count)
+        first word)."""
+        bits = self.u64[pos >> 3] << (pos & 7).astype(np.uint64)  # the token's first bit on top
+        win = (bits >> np.uint64(32)).astype(np.uint32)
+        head = win >> np.uint32(29)  # repeat flag and field index
+        field = self.head_field[head]
+        # the count field, just below the 3 header bits, as the top ``field`` bits
+        count = ((win << np.uint32(3)) >> (np.uint32(32) - field)).astype(np.int64) + 1
+        # the first word follows: at most 7 + 3 + 16 + 32 bits into the 64
+        first = (bits << (np.uint64(3) + field)) >> np.uint64(64 - self.word)
+        return count, head >= 4, field, first
 
-    def lengths(self) -> np.ndarray:
-        """The length in bits of a token starting at every bit position (int32: 4 bytes
-        per bit, where reading every position as uint64 windows took ~50)."""
-        out = np.empty(self.n_bits, dtype=np.int32)
-        sizes = self.sizes.astype(np.uint32)
-        one, word = np.uint32(1), np.uint32(self.word)
-        for offset in range(8):  # the positions 8k + offset, from their bytes' windows
-            win = ((self.u64 << np.uint64(offset)) >> np.uint64(32)).astype(np.uint32)
-            field = sizes[(win >> np.uint32(29)) & np.uint32(3)]
-            count = ((win >> (np.uint32(29) - field)) & ((one << field) - one)) + one
-            repeat = (win >> np.uint32(31)).astype(bool)
-            out[offset::8] = np.uint32(3) + field + word * np.where(repeat, one, count)
-        return out
+    def length_at(self, pos: int) -> int:
+        """The length in bits of the token at ``pos``: ``tokens`` for one token, in plain
+        Python (a numpy call per token would cost several times more)."""
+        byte = pos >> 3
+        win = (int.from_bytes(self.raw[byte : byte + 4], "big") << (pos & 7)) & 0xFFFFFFFF
+        field = self.field_of[win >> 29]
+        count = 1 if win >> 31 else ((win >> (29 - field)) & ((1 << field) - 1)) + 1
+        return 3 + field + self.word * count
+
+    def next_starts(self) -> tuple[np.ndarray, int]:
+        """For every bit position p, where the next token would start if one started at p
+        (int32: 4 bytes per bit), and the sentinel ``hard``: p's entry is ``hard`` or more
+        where the table below cannot size the token (``length_at`` can)."""
+        dtype = np.int32 if self.n_bits < _INT32_BITS else np.int64
+        table, hard = _step_table(self.word, tuple(self.sizes.tolist()), dtype)
+        # each byte with the first 5 bits of the next one indexes the table's rows
+        window = (self.padded[:-8].astype(np.uint16) << 5) | (self.padded[1:-7] >> 3)
+        out = np.take(table, window, axis=0)
+        out += np.arange(0, self.n_bits, 8, dtype=dtype)[:, None]
+        return out.reshape(-1), hard
+
+
+@functools.lru_cache(maxsize=8)
+def _step_table(word: int, sizes: tuple[int, ...], dtype: type) -> tuple[np.ndarray, int]:
+    """Where the next token starts, counted from the first bit of a byte, for a token
+    starting at bit ``column`` (0-7) of it, for every 13-bit window (row: the byte and the
+    first 5 bits of the next). 13 bits always hold the 3 header bits, so a repeat token's
+    length (3 + field + word) is known; a literal's (3 + field + word * count) only if its
+    count field ends inside the window too. Those that do not get ``hard`` (a value past
+    any stream this table serves). Built once per grammar: 8192 x 8 entries."""
+    hard = int(np.iinfo(dtype).max) // 2 + 1
+    window = np.arange(1 << 13, dtype=np.int64)[:, None]
+    column = np.arange(8)
+    repeat = (window >> (12 - column)) & 1 == 1
+    field = np.asarray(sizes, dtype=np.int64)[(window >> (10 - column)) & 3]
+    count_end = column + 3 + field  # the bit after the count field
+    count = ((window >> np.maximum(13 - count_end, 0)) & ((1 << field) - 1)) + 1
+    length = 3 + field + word * np.where(repeat, 1, count)
+    table = np.where(repeat | (count_end <= 13), column + length, hard).astype(dtype)
+    table.flags.writeable = False
+    return table, hard
 
 
 def decode_values(rle: Sequence[int] | bytes | np.ndarray, expected: int | None = None
@@ -191,55 +231,95 @@ def decode_values(rle: Sequence[int] | bytes | np.ndarray, expected: int | None 
     dtype = np.uint8 if word <= 8 else np.uint16 if word <= 16 else np.uint32
     if num == 0:
         return np.zeros(0, dtype=dtype)
-    stream = _Stream(data, word, sizes)
-    if stream.n_bits <= _HEADER_BITS:
-        raise RLEError("RLE holds no tokens")
+    stream = _Stream(data, word, sizes)  # 7 bytes or more: the first token starts inside
     t = _token_starts(stream)
-    count, repeat, field, length = stream.tokens(t)
+    count, repeat, field, first = stream.tokens(t)
     produced = np.cumsum(count)
     n_tokens = int(np.searchsorted(produced, num)) + 1
     if n_tokens > t.size:
         raise RLEError(f"RLE ends after {int(produced[-1])} of its {num} values")
-    end = int(t[n_tokens - 1] + length[n_tokens - 1])
+    last = int(t[n_tokens - 1])
+    end = last + stream.length_at(last)
     if end > stream.n_bits:
         raise RLEError("RLE ends inside its last token")
     if stream.n_bits - end > 8:
         raise RLEError(f"RLE goes on for {(stream.n_bits - end) // 8} byte(s) after its "
                        f"last value")
     return _values(stream, t[:n_tokens], count[:n_tokens], repeat[:n_tokens],
-                   field[:n_tokens], dtype)[:num]
+                   field[:n_tokens], first[:n_tokens], dtype)[:num]
 
 
-def _values(stream: _Stream, t, t_count, t_repeat, t_field, dtype) -> np.ndarray:
+def _values(stream: _Stream, t, t_count, t_repeat, t_field, t_first, dtype) -> np.ndarray:
     """The values of the tokens at ``t``: a repeat token is one segment of ``count``
     values, a literal token ``count`` segments of one value each."""
-    word = stream.word
+    if t_repeat.all():  # the SDK's streams: one word per token, its first
+        return np.repeat(t_first.astype(dtype), t_count)
     value_at = t + 3 + t_field  # bit position of the first word
     seg_n = np.where(t_repeat, 1, t_count)
-    if t_repeat.all():  # the SDK's streams: one word per token
-        return np.repeat((_windows(stream.u64, value_at) >> np.uint64(32 - word))
-                         .astype(dtype), t_count)
     seg_first = np.cumsum(seg_n) - seg_n
     tok_of = np.repeat(np.arange(t.size), seg_n)
     k = np.arange(tok_of.size) - seg_first[tok_of]
-    seg_pos = value_at[tok_of] + k * word
+    seg_pos = value_at[tok_of] + k * stream.word
     seg_len = np.where(t_repeat[tok_of], t_count[tok_of], 1)
-    seg_val = _windows(stream.u64, seg_pos) >> np.uint64(32 - word)
+    seg_val = _windows(stream.u64, seg_pos) >> np.uint32(32 - stream.word)
     return np.repeat(seg_val.astype(dtype), seg_len)
 
 
 def _token_starts(stream: _Stream) -> np.ndarray:
-    """Bit positions of the stream's tokens, first to last. Every bit position's token
-    length is computed at once (numpy); following the chain from the first token is the
-    only sequential part."""
-    step = memoryview(stream.lengths())
-    starts = []
-    append = starts.append
-    idx, last = _HEADER_BITS, stream.n_bits
-    while idx < last:
-        append(idx)
-        idx += step[idx]
-    return np.asarray(starts, dtype=np.int64)
+    """Bit positions of the stream's tokens, first to last.
+
+    A token's length depends on its own header, so token k+1 starts where token k ends: the
+    chain is sequential. (Parsing from many points at once and joining the parses up does
+    not work here: the code does not resynchronise, and on a noisy mask about half of the
+    parses started at other bits never meet the true one, hundreds of tokens on.) So every
+    bit position's next start is computed at once with numpy (``next_starts``) and the
+    chain is followed at C speed: ``ahead`` looks each start of ``piece`` up ``_CHASE``
+    times over, and ``piece.extend(ahead)`` appends the result, which the list's iterator
+    reaches in turn (it runs on over items appended behind it). Every lookup is exact, so
+    every start found is a token start. A lookup past the table ends the chase: the
+    stream's end, or a sentinel for a token the table cannot size; the tokens from the
+    last start found are then stepped one by one (``length_at`` sizing those) and the
+    chase resumes. ``_fill_in`` adds the starts it skipped over."""
+    nxt, hard = stream.next_starts()
+    table = memoryview(nxt)
+    pieces = []
+    start = _HEADER_BITS
+    while start < stream.n_bits:
+        piece = [start]
+        ahead = iter(piece)
+        for _ in range(_CHASE):  # (getitem and repeat: no argument tuple built per call)
+            ahead = map(operator.getitem, itertools.repeat(table), ahead)
+        with contextlib.suppress(IndexError):
+            piece.extend(ahead)
+        if piece[-1] >= stream.n_bits:  # the end, reached by a whole chase step
+            piece.pop()
+        start = piece.pop()
+        # token by token past the one that stopped the chase (one of the next _CHASE), and
+        # on while the table cannot size them: a restart costs more than a step
+        for steps in itertools.count(1):
+            piece.append(start)
+            after = table[start]
+            sized = after < hard
+            start = after if sized else start + stream.length_at(start)
+            if start >= stream.n_bits or (sized and steps >= _CHASE):
+                break
+        pieces.append(piece)
+    return _fill_in(nxt, pieces, stream.n_bits)
+
+
+def _fill_in(nxt: np.ndarray, pieces: list[list[int]], n_bits: int) -> np.ndarray:
+    """All token starts, from the chase's: after each, the next ``_CHASE - 1`` starts
+    (``nxt``), as long as they come before the chase's next one (the chase's own steps of
+    one token leave none)."""
+    chased = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64,
+                         count=sum(map(len, pieces)))
+    upper = np.append(chased[1:], n_bits)
+    columns, keep = [chased], [np.ones(chased.size, dtype=bool)]
+    for _ in range(1, _CHASE):
+        # clip: a start at the end or a sentinel reads garbage, but is not kept, nor after it
+        columns.append(np.take(nxt, columns[-1], mode="clip"))
+        keep.append(keep[-1] & (columns[-1] < upper))
+    return np.stack(columns, axis=1)[np.stack(keep, axis=1)]
 
 
 def decode(rle: Sequence[int] | bytes | np.ndarray, height: int, width: int) -> np.ndarray:
@@ -257,6 +337,12 @@ def decode(rle: Sequence[int] | bytes | np.ndarray, height: int, width: int) -> 
 def _as_bytes(rle) -> np.ndarray:
     if isinstance(rle, (bytes, bytearray, memoryview)):
         return np.frombuffer(bytes(rle), dtype=np.uint8)
+    if isinstance(rle, list) and rle and not isinstance(rle[0], (bool, np.bool_)):
+        # Label Studio's JSON list: bytes() reads it ~20x faster than numpy and refuses
+        # what the checks below refuse (nesting, non-integers, values outside 0..255),
+        # which then say why; a list of bools, which bytes() takes, is left to them too
+        with contextlib.suppress(TypeError, ValueError):
+            return np.frombuffer(bytes(rle), dtype=np.uint8)
     arr = np.asarray(rle)
     if arr.ndim != 1:
         raise RLEError("RLE must be a flat list of byte values")
@@ -266,6 +352,6 @@ def _as_bytes(rle) -> np.ndarray:
 
 
 def _windows(u64: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """The 32 bits starting at each bit position, as uint64 values < 2^32."""
+    """The 32 bits starting at each bit position (uint32)."""
     shift = (positions & 7).astype(np.uint64)
-    return (u64[positions >> 3] << shift) >> np.uint64(32)
+    return ((u64[positions >> 3] << shift) >> np.uint64(32)).astype(np.uint32)

@@ -187,3 +187,134 @@ def test_decode_memory_is_a_small_multiple_of_the_stream():
         tracemalloc.stop()
     np.testing.assert_array_equal(decoded, mask)
     assert peak < 100 * data.size, f"{peak / data.size:.0f} bytes per RLE byte"
+
+
+# A reference decoder: the format read bit by bit as the module docstring defines it, and
+# refusing what decode_values refuses (a stream shorter than its header, one that ends
+# before its last value, one that goes on for more than 8 bits after it; a stream
+# announcing no values is not read further).
+def reference_decode(data: list[int]) -> list[int]:
+    bits = "".join(f"{byte:08b}" for byte in data)
+    pos = 0
+
+    def read(n):
+        nonlocal pos
+        if pos + n > len(bits):
+            raise rle.RLEError("ends early")
+        pos += n
+        return int(bits[pos - n : pos], 2)
+
+    if len(data) < 7:
+        raise rle.RLEError("no header")
+    num, word = read(32), read(5) + 1
+    sizes = [read(4) + 1 for _ in range(4)]
+    values = []
+    while len(values) < num:
+        repeat = read(1)
+        n = read(sizes[read(2)]) + 1
+        values += [read(word)] * n if repeat else [read(word) for _ in range(n)]
+    if num and len(bits) - pos > 8:
+        raise rle.RLEError("goes on")
+    return values[:num]
+
+
+def random_tokens(rng, word, sizes, n_tokens):
+    """Repeat and literal tokens in every field, of random lengths the field can hold."""
+    tokens = []
+    for _ in range(n_tokens):
+        index = int(rng.integers(4))
+        most = 2 ** sizes[index]
+        if rng.random() < 0.5:
+            n = int(rng.integers(1, min(most, 500) + 1))
+            tokens.append((True, index, (int(rng.integers(2**word)), n)))
+        else:
+            n = int(rng.integers(1, min(most, 40) + 1))
+            tokens.append((False, index, [int(v) for v in rng.integers(0, 2**word, n)]))
+    return tokens
+
+
+def random_grammar(rng):
+    if rng.random() < 0.3:
+        return 8, (3, 4, 8, 16)  # the SDK's and the front end's
+    return int(rng.integers(1, 33)), tuple(int(s) for s in rng.integers(1, 17, 4))
+
+
+def values_count(tokens):
+    return sum(words[1] if repeat else len(words) for repeat, _, words in tokens)
+
+
+def assert_decodes_like_the_reference(data):
+    try:
+        expected = reference_decode(data)
+    except rle.RLEError:
+        with pytest.raises(rle.RLEError):
+            rle.decode_values(data)
+        return
+    values = rle.decode_values(data)
+    assert values.tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_matches_a_bit_by_bit_reference_on_random_streams(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(80):
+        word, sizes = random_grammar(rng)
+        tokens = random_tokens(rng, word, sizes, int(rng.integers(1, 80)))
+        data = write_stream(tokens, values_count(tokens), word, sizes)
+        values = rle.decode_values(data)
+        assert values.tolist() == reference_decode(data)
+        assert values.dtype == (np.uint8 if word <= 8 else np.uint16 if word <= 16
+                                else np.uint32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_refuses_what_the_reference_refuses(seed):
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(40):
+        word, sizes = random_grammar(rng)
+        tokens = random_tokens(rng, word, sizes, int(rng.integers(1, 40)))
+        num = values_count(tokens)
+        data = write_stream(tokens, num, word, sizes)
+        broken = [data[:-1], data[:-2], data[:7], data[:8], data + [0], data + [255] * 3,
+                  write_stream(tokens, num + 1, word, sizes),  # announces too many
+                  write_stream(tokens, num - 1, word, sizes),  # too few: ends mid-token
+                  write_stream(tokens, num + 60, word, sizes),
+                  [int(b) for b in rng.integers(0, 256, int(rng.integers(0, 24)))]]
+        for stream in broken:
+            assert_decodes_like_the_reference(stream)
+
+
+def test_decode_tokens_the_step_table_cannot_size():
+    # literal tokens whose count field (16 bits) ends past the 13-bit window of the chain's
+    # step table, alone, in runs and between others, over more tokens than one chase step
+    rng = np.random.default_rng(7)
+    literal = [(False, 3, [int(v)]) for v in rng.integers(0, 256, 50)]
+    mixed = random_tokens(rng, 8, (16, 16, 16, 16), 50)
+    for tokens, sizes in [(literal, (16, 16, 16, 16)), (mixed, (16, 16, 16, 16)),
+                          (literal[:1] + [(True, 0, (9, 4))] * 30, (16, 3, 3, 3))]:
+        data = write_stream(tokens, values_count(tokens), 8, sizes)
+        assert rle.decode_values(data).tolist() == reference_decode(data)
+
+
+def test_decode_with_int64_tables(monkeypatch):
+    # streams of 2^27 bytes or more use int64 step tables: force them on small ones
+    monkeypatch.setattr(rle, "_INT32_BITS", 0)
+    rng = np.random.default_rng(8)
+    for _ in range(30):
+        word, sizes = random_grammar(rng)
+        tokens = random_tokens(rng, word, sizes, int(rng.integers(1, 40)))
+        data = write_stream(tokens, values_count(tokens), word, sizes)
+        assert_decodes_like_the_reference(data)
+        assert_decodes_like_the_reference(data + [0])
+    mask = rng.random((37, 41)) < 0.5
+    np.testing.assert_array_equal(rle.decode(rle.encode(mask), 37, 41), mask)
+
+
+def test_decode_refuses_lists_that_are_not_bytes():
+    data = rle.encode(np.eye(3, dtype=bool))
+    for bad in ([True] * len(data), [float(v) for v in data], data[:-1] + [256],
+                data[:-1] + [-1], [data], data[:-1] + ["1"]):
+        with pytest.raises(rle.RLEError):
+            rle.decode(bad, 3, 3)
+    as_numpy = [np.int64(v) for v in data]
+    np.testing.assert_array_equal(rle.decode(as_numpy, 3, 3), np.eye(3, dtype=bool))

@@ -2,8 +2,11 @@
 
 `run_cycle(settings, project)`:
 
-1. **Read** the project (label config) and every task with its annotations, paged. Nothing
-   is kept between cycles, so missed webhooks lose nothing.
+1. **Read** the project (label config) and every task with its annotations and the versions
+   of its predictions (never the predictions: `studio.Studio.iter_tasks`), paged. Nothing
+   is kept between cycles, so missed webhooks lose nothing. **Images**: each task image is
+   fetched once into the disk cache and checked; afterwards every step reads it from
+   there per batch (`pool_images`), so memory does not grow with the pool.
 2. **Labels.** Image tasks are the pool. A task's newest usable annotation (ground truth
    first) is its mask (255 where nobody painted). A *region task* (data carries
    `region_id`, `source_task`, `x`, `y`, `w`, `h`) counts only inside its region and is
@@ -36,17 +39,20 @@
    the config has a rectangle control reserved for it). Region ids are deterministic
    (`t<task>-x<x>-y<y>-w<w>-h<h>`) and the project's existing ids are reread just before
    the import, so a region is never pushed twice, retries included.
-6. **Predictions are pushed**, not left for Label Studio to fetch: every pool task and
-   every open region task gets a prediction of the new version (result + score = mean
-   confidence), sent in chunks (acquire.PREDICTION_CHUNK) while the pool is scored (memory stays
-   bounded; a retry skips the tasks that already hold one). Why push: the cycle computes
-   these probabilities anyway to score the pool; Label Studio asks `/predict` only lazily
-   (a task opened, or a manual "retrieve predictions"); and the Data Manager's sort by
-   prediction score (uncertainty order) needs a score of the current version on every
-   task. Because the version pushed equals the one `/setup` answers, Label Studio does not
-   ask `/predict` again for these tasks. The project's own `model_version` then moves to
-   the new version (the Data Manager scores and sorts only that version's predictions),
-   unless it names predictions another source stored in the project.
+6. **Predictions are pushed**, not left for Label Studio to fetch: every pool task without
+   a full annotation and every open region task gets a prediction of the new version
+   (result + score = mean confidence; `acquire.prediction_targets`: fully annotated tasks
+   need no pre-label), sent in chunks (acquire.PREDICTION_CHUNK) while the pool is scored
+   (memory stays bounded; a retry skips the tasks that already hold one). Why push: the
+   cycle computes these probabilities anyway to score the pool; Label Studio asks
+   `/predict` only lazily (a task opened, or a manual "retrieve predictions"); and the Data
+   Manager's sort by prediction score (uncertainty order) needs a score of the current
+   version on every task. Because the version pushed equals the one `/setup` answers,
+   Label Studio does not ask `/predict` again for these tasks. The project's own
+   `model_version` then moves to the new version (the Data Manager scores and sorts only
+   that version's predictions), unless it names predictions another source stored in the
+   project. Last, this backend's versions beyond the newest PREDICTION_VERSIONS lose their
+   predictions (`prune`), so Label Studio's database holds at most that many per task.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ NO_RETRY = {"max_retries": 0}
 # what a cycle reads of each task and of its annotations (see the module docstring)
 CYCLE_FIELDS = ("id,data,annotations,predictions_model_versions,"
                 "result,was_cancelled,ground_truth,updated_at")
+TASK_FIELDS = "id,data,is_labeled,total_annotations"  # full=False: region ids, the board
 VERSIONS_CUT = 500  # Label Studio's CHAR_LIMITS on the versions column
 
 
@@ -133,9 +134,10 @@ class Studio:
     def iter_tasks(self, project_id: int, full: bool = True) -> Iterator[dict]:
         """Every task of the project, page by page, as dicts with `id`, `data`,
         `annotations` and `predictions_model_versions` (Label Studio's own JSON; never the
-        predictions). `full=False` asks for the tasks without annotations (lighter)."""
+        predictions). `full=False` asks for TASK_FIELDS only (lighter)."""
         what = f"GET api/tasks/?project={project_id}"
-        extra = {"fields": "all", "include": CYCLE_FIELDS} if full else {"fields": "task_only"}
+        extra = {"fields": "all", "include": CYCLE_FIELDS} if full else {
+            "fields": "task_only", "include": TASK_FIELDS}
         try:
             pager = self.client.tasks.list(project=project_id, page_size=self.page_size,
                                            **extra)

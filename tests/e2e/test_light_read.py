@@ -13,7 +13,7 @@ from __future__ import annotations
 import requests
 
 from s4al_backend.labels import LabelMap, mask_to_results
-from s4al_backend.studio import CYCLE_FIELDS, Studio, task_model_versions
+from s4al_backend.studio import CYCLE_FIELDS, TASK_FIELDS, Studio, task_model_versions
 
 from .studio import create_project
 
@@ -62,6 +62,9 @@ def test_the_cycle_read_carries_annotations_and_versions_but_no_predictions(labe
     assert {"id", "result", "was_cancelled", "ground_truth", "updated_at"} <= set(annotation)
     assert annotation["result"] and isinstance(annotation["id"], int)
     assert all(not t["annotations"] for tid, t in read.items() if tid != annotated)
+    bare = {t["id"]: t for t in studio.iter_tasks(project.id, full=False)}
+    assert all(set(t) == set(TASK_FIELDS.split(",")) for t in bare.values()), bare
+    assert bare[annotated]["is_labeled"] and bare[annotated]["total_annotations"] == 1
     # only the version strings were added to the light page; the full one carries results
     after = page_bytes(project, **light)
     full = page_bytes(project, fields="all")

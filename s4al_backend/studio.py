@@ -143,7 +143,8 @@ class Studio:
                                            **extra)
             for task in pager:
                 item = _plain(task)
-                item.setdefault("annotations", [])
+                if full:
+                    item.setdefault("annotations", [])
                 yield item
         except (ApiError, httpx.HTTPError) as exc:
             raise self._error(what, exc) from exc

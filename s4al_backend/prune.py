@@ -8,6 +8,8 @@ project (the new one first among them) and deletes every prediction of the older
 one request per version (`DELETE /api/projects/<id>/model-versions/`). Versions another
 source made (not named like `store.ModelStore`'s), and the version the project's
 `model_version` selects, are never touched. PREDICTION_VERSIONS=0 keeps everything.
+Pruning is housekeeping: when Label Studio refuses it, the cycle logs why and still ends
+done (its version and predictions are in), and the next cycle tries again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import re
 from typing import Any
 
-from .studio import Studio
+from .studio import Studio, StudioError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,14 @@ def prune_predictions(studio: Studio, project: int, keep: int, protect: set[str]
     returns the versions deleted."""
     if keep <= 0:
         return []
-    counts = studio.model_versions(project)
-    stale = stale_versions(list(counts), keep, protect)
-    for version in stale:
-        deleted = studio.delete_model_version(project, version)
-        log.info("project %s: %d predictions of %s deleted (PREDICTION_VERSIONS=%d)",
-                 project, deleted, version, keep)
-    return stale
+    done: list[str] = []
+    try:
+        for version in stale_versions(list(studio.model_versions(project)), keep, protect):
+            deleted = studio.delete_model_version(project, version)
+            done.append(version)
+            log.info("project %s: %d predictions of %s deleted (PREDICTION_VERSIONS=%d)",
+                     project, deleted, version, keep)
+    except StudioError as exc:
+        log.warning("project %s: old predictions not deleted (the next cycle tries again): "
+                    "%s", project, exc)
+    return done

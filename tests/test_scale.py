@@ -65,6 +65,22 @@ def test_a_cycle_deletes_its_versions_beyond_prediction_versions(studio, tmp_pat
     assert result["prediction_versions_deleted"] == [OLD[0]]
 
 
+def test_a_refused_prune_is_logged_and_the_cycle_still_ends_done(studio, tmp_path,  # noqa: F811
+                                                                 caplog):
+    project, _, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED)
+    add_old_predictions(studio, project, OLD[:3])
+    studio.fail(404, prefix=f"/api/projects/{project}/model-versions/", method="DELETE")
+    settings = Settings.from_env(env_for(studio, tmp_path, PREDICTION_VERSIONS="1"))
+
+    result = run_cycle(settings, project, reason="test")
+
+    assert result["status"] == "done" and result["prediction_versions_deleted"] == []
+    assert "old predictions not deleted" in caplog.text and "(404)" in caplog.text
+    versions = {p["model_version"] for t in studio.project_tasks(project)
+                for p in t["predictions"]}
+    assert versions == {*OLD[:3], result["version"]}
+
+
 def test_prediction_versions_zero_keeps_every_version(studio, tmp_path):  # noqa: F811
     project, _, _ = camvid_project(studio, CAMVID, annotated=ANNOTATED)
     add_old_predictions(studio, project, OLD[:3])

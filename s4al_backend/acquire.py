@@ -21,12 +21,29 @@ log = logging.getLogger(__name__)
 PREDICTION_CHUNK = 50  # predictions per import request
 
 
+def open_regions(item: PoolItem) -> list[dict]:
+    """The item's region tasks nobody annotated yet."""
+    return [r for r in item.regions
+            if not r.get("labelled") and pick_annotation(r["task"]) is None]
+
+
+def prediction_targets(pool: dict[int, PoolItem]) -> set[int]:
+    """The tasks a version pushes a prediction to: image tasks without a full annotation
+    (fully annotated ones, the holdout among them, need no pre-label: the prune.py module
+    explains why their old ones go too) and open region tasks."""
+    targets = {tid for tid, item in pool.items() if not item.full}
+    targets.update(int(r["task"]["id"]) for item in pool.values() for r in open_regions(item))
+    return targets
+
+
 class Outbox:
     """Predictions on their way to Label Studio, imported in chunks of PREDICTION_CHUNK;
     tasks in `have` already hold one of this version and are not sent again."""
 
-    def __init__(self, studio: Studio, project: int, have: set[int] | frozenset):
+    def __init__(self, studio: Studio, project: int, have: set[int] | frozenset,
+                 expected: int = 0, progress: Callable[[dict], None] = lambda update: None):
         self.studio, self.project, self.have = studio, project, have
+        self.expected, self.progress = expected, progress  # the push step's total
         self.pending: list[dict] = []
         self.made = self.pushed = 0
 
@@ -41,6 +58,8 @@ class Outbox:
         if self.pending:
             self.pushed += self.studio.import_predictions(self.project, self.pending)
             self.pending.clear()
+            self.progress({"step": {"name": "push", "done": self.pushed,
+                                    "total": self.expected}})
 
 
 class PerImage(Sequence):
@@ -104,7 +123,8 @@ class Acquisition:
 
         s = self.settings
         device = s.resolve_device()
-        items = list(pool.values())
+        # fully annotated images offer no block and need no pre-label: not run at all
+        items = [item for item in pool.values() if not item.full or open_regions(item)]
         selecting = int(s.regions_per_cycle) > 0 and select
         if not select:
             log.info("project %s: no regions for %s (already in Label Studio, or a first "
@@ -119,19 +139,22 @@ class Acquisition:
         if scorer is not teacher or not heuristic.needs_model:
             served = predict_probabilities(teacher, (i.image for i in items), batch, device,
                                            amp=amp)
-        outbox = Outbox(self.studio, self.project, have)
+        expected = len(prediction_targets(pool) - set(have))
+        outbox = Outbox(self.studio, self.project, have, expected, self.progress)
+        self.progress({"step": {"name": "push", "done": 0, "total": expected}})
 
         def on_image(index: int, probs) -> None:
             probs = next(served) if served is not None else probs
             self.predict_item(items[index], probs, label_map, version, outbox)
-            self.progress({"phase": "predict", "iteration": index + 1, "total": len(items)})
+            self.progress({"phase": "predict", "iteration": index + 1, "total": len(items),
+                           "step": {"name": "score", "done": index + 1, "total": len(items)}})
 
         taken = PerImage(len(items), lambda i: self.taken(items[i], selecting))
         queued = QueuedPixels(state, device, items, taken) if selecting else None
         self.progress({"phase": "predict", "message": f"{len(items)} images"})
         scores = score_pool(
-            scorer, [item.image for item in items], heuristic,
-            PerImage(len(items), lambda i: s.region_size_for(items[i].image.shape[0])),
+            scorer, items, heuristic,
+            PerImage(len(items), lambda i: s.region_size_for(items[i].shape[0])),
             taken, batch, device, amp=amp, on_image=on_image, progress=False, log=log.info,
             priority_maps=queued.maps if queued is not None else None,
             priority_weight=math.log(len(label_map.classes)),  # entropy's range: queued first
@@ -156,7 +179,7 @@ class Acquisition:
         """Pixels acquisition must not offer: labelled ones and regions pushed before
         (annotated or not); every pixel of a fully annotated or held-out image, and of
         every image when nothing is selected."""
-        shape = item.image.shape[:2]
+        shape = item.shape
         if not selecting or item.full or item.holdout:
             return np.broadcast_to(np.True_, shape)
         taken = np.zeros(shape, dtype=bool)
@@ -169,18 +192,18 @@ class Acquisition:
 
     def predict_item(self, item: PoolItem, probs, label_map: LabelMap, version: str,
                      outbox: Outbox) -> None:
-        """The served model's prediction for an image task and for its open region tasks."""
+        """The served model's prediction for an image task without a full annotation and
+        for its open region tasks (`prediction_targets`)."""
         confidence, classes = probs.max(dim=0)
         confidence, classes = confidence.numpy(), classes.numpy()
-        outbox.add({
-            "task": item.id,
-            "result": mask_to_results(classes, label_map, confidence),
-            "score": round(float(confidence.mean()), 4),
-            "model_version": version,
-        })
-        for region in item.regions:
-            if region.get("labelled") or pick_annotation(region["task"]) is not None:
-                continue
+        if not item.full:
+            outbox.add({
+                "task": item.id,
+                "result": mask_to_results(classes, label_map, confidence),
+                "score": round(float(confidence.mean()), 4),
+                "model_version": version,
+            })
+        for region in open_regions(item):
             outbox.add(self.region_prediction(int(region["task"]["id"]), label_map, classes,
                                               confidence, region, version))
 

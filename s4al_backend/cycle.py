@@ -2,8 +2,11 @@
 
 `run_cycle(settings, project)`:
 
-1. **Read** the project (label config) and every task with its annotations, paged. Nothing
-   is kept between cycles, so missed webhooks lose nothing.
+1. **Read** the project (label config) and every task with its annotations and the versions
+   of its predictions (never the predictions: `studio.Studio.iter_tasks`), paged. Nothing
+   is kept between cycles, so missed webhooks lose nothing. **Images**: each task image is
+   fetched once into the disk cache and checked; afterwards every step reads it from
+   there per batch (`pool_images`), so memory does not grow with the pool.
 2. **Labels.** Image tasks are the pool. A task's newest usable annotation (ground truth
    first) is its mask (255 where nobody painted). A *region task* (data carries
    `region_id`, `source_task`, `x`, `y`, `w`, `h`) counts only inside its region and is
@@ -36,17 +39,20 @@
    the config has a rectangle control reserved for it). Region ids are deterministic
    (`t<task>-x<x>-y<y>-w<w>-h<h>`) and the project's existing ids are reread just before
    the import, so a region is never pushed twice, retries included.
-6. **Predictions are pushed**, not left for Label Studio to fetch: every pool task and
-   every open region task gets a prediction of the new version (result + score = mean
-   confidence), sent in chunks (acquire.PREDICTION_CHUNK) while the pool is scored (memory stays
-   bounded; a retry skips the tasks that already hold one). Why push: the cycle computes
-   these probabilities anyway to score the pool; Label Studio asks `/predict` only lazily
-   (a task opened, or a manual "retrieve predictions"); and the Data Manager's sort by
-   prediction score (uncertainty order) needs a score of the current version on every
-   task. Because the version pushed equals the one `/setup` answers, Label Studio does not
-   ask `/predict` again for these tasks. The project's own `model_version` then moves to
-   the new version (the Data Manager scores and sorts only that version's predictions),
-   unless it names predictions another source stored in the project.
+6. **Predictions are pushed**, not left for Label Studio to fetch: every pool task without
+   a full annotation and every open region task gets a prediction of the new version
+   (result + score = mean confidence; `acquire.prediction_targets`: fully annotated tasks
+   need no pre-label), sent in chunks (acquire.PREDICTION_CHUNK) while the pool is scored
+   (memory stays bounded; a retry skips the tasks that already hold one). Why push: the
+   cycle computes these probabilities anyway to score the pool; Label Studio asks
+   `/predict` only lazily (a task opened, or a manual "retrieve predictions"); and the Data
+   Manager's sort by prediction score (uncertainty order) needs a score of the current
+   version on every task. Because the version pushed equals the one `/setup` answers,
+   Label Studio does not ask `/predict` again for these tasks. The project's own
+   `model_version` then moves to the new version (the Data Manager scores and sorts only
+   that version's predictions), unless it names predictions another source stored in the
+   project. Last, this backend's versions beyond the newest PREDICTION_VERSIONS lose their
+   predictions (`prune`), so Label Studio's database holds at most that many per task.
 """
 
 from __future__ import annotations
@@ -54,10 +60,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -66,12 +70,14 @@ import numpy as np
 
 from . import history
 from . import store as store_module
-from .acquire import Acquisition
+from .acquire import Acquisition, prediction_targets
 from .first_version import FirstVersion
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask
 from .pool import PoolItem, holdout_score, integer_id, is_region_task, pick_annotation
+from .pool_images import PoolImages
+from .prune import is_our_version, prune_predictions
 from .settings import Settings
-from .studio import Studio, StudioError
+from .studio import Studio, StudioError, task_model_versions
 
 if TYPE_CHECKING:  # images.py is imported when a cycle fetches
     from .images import ImageFetcher
@@ -79,7 +85,8 @@ if TYPE_CHECKING:  # images.py is imported when a cycle fetches
 log = logging.getLogger(__name__)
 
 MAX_SKIPPED_REPORTED = 50
-VERSION_NAME = re.compile(r"v\d+-\d{8}-\d{6}")  # store.ModelStore's version names
+STEPS = ("read", "images", "train", "score", "push")  # done / total of each in /status
+READ_STEP_EVERY = 500  # tasks between two progress updates of the read step
 
 
 class CycleError(RuntimeError):
@@ -126,6 +133,17 @@ class Cycle:
     # ------------------------------------------------------------------ helpers
     def phase(self, name: str, **extra) -> None:
         self.progress({"phase": name, **extra})
+
+    def step(self, name: str, done: int, total: int | None) -> None:
+        """One of STEPS moved on (jobs_base.ProgressReporter keeps them for /status)."""
+        self.progress({"step": {"name": name, "done": done, "total": total}})
+
+    def train_progress(self, update: dict) -> None:
+        """Training's progress, with the train step's iteration / total beside it."""
+        if isinstance(update.get("iteration"), int) and isinstance(update.get("total"), int):
+            update = {**update, "step": {"name": "train", "done": update["iteration"],
+                                         "total": update["total"]}}
+        self.progress(update)
 
     def skip(self, task_id, reason: str, annotation=None) -> None:
         entry = {"task": task_id, "reason": reason}
@@ -174,6 +192,9 @@ class Cycle:
         with self.timed("push_s"):
             created = self.push_regions(label_map, regions, outcome.version)
             followed = self.follow_version(info, outcome.version, tasks)
+            pruned = prune_predictions(self.studio, self.project,
+                                       int(self.settings.prediction_versions),
+                                       {outcome.version, followed or outcome.version})
         return {
             **summary,
             "status": "done",
@@ -189,6 +210,7 @@ class Cycle:
             "predictions_pushed": pushed,
             "queued_pixels": queued,
             "project_model_version": followed,
+            "prediction_versions_deleted": pruned,
             "skipped": self.skipped[:MAX_SKIPPED_REPORTED],
             "skipped_count": len(self.skipped),
             "timings": self.timings,
@@ -203,15 +225,30 @@ class Cycle:
             label_map = LabelMap.from_config(info.get("label_config") or "")
         except ValueError as exc:
             raise CycleError(f"project {self.project}: {exc}") from exc
-        tasks = list(self.studio.iter_tasks(self.project))
+        tasks = []
+        for task in self.studio.iter_tasks(self.project):
+            tasks.append(task)
+            if len(tasks) % READ_STEP_EVERY == 0:
+                self.step("read", len(tasks), None)
+        self.step("read", len(tasks), len(tasks))
         pool, region_tasks = self.split(tasks, label_map)
         return info, label_map, tasks, pool, region_tasks
 
     def images(self, pool: dict[int, PoolItem]) -> dict[int, PoolItem]:
-        """The pool items whose image loaded."""
+        """The pool items whose image loaded (into the disk cache: `pool_images`)."""
         self.phase("images", message=f"{len(pool)} images")
-        self.load_images(pool)
-        pool = {tid: item for tid, item in pool.items() if item.image is not None}
+        self.step("images", 0, len(pool))
+        errors: list[str] = []
+
+        def failed(item: PoolItem, exc: Exception) -> None:
+            errors.append(str(exc))
+            self.skip(item.id, f"image not loaded: {exc}")
+
+        PoolImages(self.fetcher).prepare(pool.values(), failed, lambda done: self.step(
+            "images", done, len(pool)))
+        if errors and len(errors) == len(pool):
+            raise CycleError(f"no task image could be loaded; first error: {errors[0]}")
+        pool = {tid: item for tid, item in pool.items() if item.shape is not None}
         if not pool:
             raise CycleError(f"project {self.project}: no task image could be loaded")
         return pool
@@ -273,11 +310,8 @@ class Cycle:
         version = outcome.version
         acquired = any((t.get("data") or {}).get("cycle_version") == version
                        for t in region_tasks)
-        have = {int(t["id"]) for t in tasks if any(
-            (p or {}).get("model_version") == version for p in t.get("predictions") or [])}
-        open_regions = [int(r["task"]["id"]) for item in pool.values() for r in item.regions
-                        if not r.get("labelled") and pick_annotation(r["task"]) is None]
-        if acquired and have.issuperset(list(pool) + open_regions):
+        have = {int(t["id"]) for t in tasks if version in task_model_versions(t)}
+        if acquired and have.issuperset(prediction_targets(pool)):
             log.info("project %s: every task has a %s prediction and its regions are pushed; "
                      "nothing to do", self.project, version)
             return [], 0, 0
@@ -304,22 +338,6 @@ class Cycle:
             pool[int(task["id"])] = PoolItem(task, url)
         return pool, regions
 
-    def load_images(self, pool: dict[int, PoolItem]) -> None:
-        def load(item: PoolItem):
-            return self.fetcher.load(item.url, item.id)
-
-        errors = []
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="s4al-cycle-img") as ex:
-            futures = {ex.submit(load, item): item for item in pool.values()}
-            for future, item in futures.items():
-                try:
-                    item.image = future.result()
-                except Exception as exc:
-                    errors.append(str(exc))
-                    self.skip(item.id, f"image not loaded: {exc}")
-        if errors and len(errors) == len(pool):
-            raise CycleError(f"no task image could be loaded; first error: {errors[0]}")
-
     def build_labels(self, pool: dict[int, PoolItem], region_tasks: list[dict],
                      label_map: LabelMap) -> None:
         for item in pool.values():
@@ -327,7 +345,7 @@ class Cycle:
             if annotation is None:
                 self.skip_unusable(item.task)
                 continue
-            mask = self.annotation_mask(item.id, annotation, label_map, item.image.shape[:2])
+            mask = self.annotation_mask(item.id, annotation, label_map, item.shape)
             if mask is None:
                 continue
             item.mask, item.full = mask, True
@@ -346,7 +364,7 @@ class Cycle:
                 self.skip(task.get("id"), f"source task {source} is not an image task of the "
                           "project (deleted?)")
                 continue
-            height, width = item.image.shape[:2]
+            height, width = item.shape
             if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width or y + h > height:
                 self.skip(task.get("id"), f"region {x},{y} {w}x{h} is outside the "
                           f"{width}x{height} image of task {source}")
@@ -423,7 +441,7 @@ class Cycle:
 
     @staticmethod
     def labelled_fraction(items: list[PoolItem]) -> float:
-        total = sum(i.image.shape[0] * i.image.shape[1] for i in items)
+        total = sum(i.shape[0] * i.shape[1] for i in items)
         done = sum(int((i.mask != IGNORE_INDEX).sum()) for i in items if i.mask is not None)
         return round(done / total, 6) if total else 0.0
 
@@ -489,7 +507,6 @@ class Cycle:
     def train(self, label_map: LabelMap, train_items: list[PoolItem],
               holdout: list[PoolItem], current_meta: dict | None,
               early: Callable | None = None):
-        from model.data import Sample
         from model.train import train_cycle
 
         classes = list(label_map.classes)
@@ -506,9 +523,9 @@ class Cycle:
                          "training from the backbone", self.project,
                          current_meta.get("classes"), classes)
         config = self.train_config(warm=init_state is not None)
-        labelled = [Sample(str(i.id), i.image, i.mask) for i in train_items if i.labelled]
-        unlabelled = [Sample(str(i.id), i.image, i.mask) for i in train_items]
-        val = [Sample(str(i.id), i.image, i.mask) for i in holdout]
+        # pool items are samples whose image is read per batch (pool_images)
+        labelled = [i for i in train_items if i.labelled]
+        unlabelled, val = list(train_items), list(holdout)
         log.info("project %s: training %s, %d labelled / %d images, %d held out, %d "
                  "iterations (%d cold start), crop %d, %s", self.project, config.method,
                  len(labelled), len(unlabelled), len(val), config.iterations,
@@ -518,13 +535,17 @@ class Cycle:
         run = partial(train_cycle, on_cold_start_end=early)  # a first version, published early
         gpus = int(getattr(self.settings, "num_gpus", 1) or 1)
         if gpus > 1:  # NUM_GPUS: torchrun on this machine's GPUs (docs/DISTRIBUTED.md)
+            from model.data import Sample
             from model.launch import launch_train_cycle
 
             log.info("project %s: training on %d processes (torchrun)", self.project, gpus)
+            # the launch hands the ranks a payload file of plain samples, images decoded
+            labelled, unlabelled, val = ([Sample(i.name, i.image, i.mask) for i in part]
+                                         for part in (labelled, unlabelled, val))
             run = partial(launch_train_cycle, gpus, log=log.info,
                           timeout_s=getattr(self.settings, "job_timeout", None))
         result = run(config, labelled, unlabelled, len(classes), val or None, init_state,
-                     progress=self.progress)
+                     progress=self.train_progress)
         metrics = dict(result.metrics or {})
         if metrics:
             metrics["holdout_tasks"] = len(val)
@@ -543,9 +564,8 @@ class Cycle:
         current = info.get("model_version")
         if current == version:
             return current
-        foreign = not _is_our_version(current) and any(
-            (p or {}).get("model_version") == current
-            for t in tasks for p in t.get("predictions") or [])
+        foreign = not is_our_version(current) and any(
+            current in task_model_versions(t) for t in tasks)
         if current and foreign:
             return current
         self.studio.set_model_version(self.project, version)
@@ -567,10 +587,6 @@ class Cycle:
         ids = self.studio.import_tasks(self.project, fresh)
         log.info("project %s: imported %d region tasks", self.project, len(fresh))
         return ids or [0] * len(fresh)
-
-
-def _is_our_version(value: Any) -> bool:
-    return isinstance(value, str) and bool(VERSION_NAME.fullmatch(value))
 
 
 def published_network(metrics: dict) -> str:

@@ -72,7 +72,12 @@ def load_runner(path: str) -> Runner:
 class ProgressReporter:
     """Receives the cycle's progress dicts; keeps the latest, forwards it to `sink` at
     most every PROGRESS_EVERY seconds (and on every phase change), and logs phase changes,
-    a progress line every PROGRESS_LOG_EVERY seconds and each phase's last iteration."""
+    a progress line every PROGRESS_LOG_EVERY seconds and each phase's last iteration.
+
+    An update may carry `step: {"name", "done", "total"}`: the cycle's own steps (read,
+    images, train, score, push; `cycle.STEPS`) kept side by side in `latest["steps"]`
+    (`{name: {"done", "total"}}`, total None while unknown), so /status shows every step
+    so far, not only the current phase."""
 
     def __init__(self, project: int, sink: Callable[[dict], None] | None = None):
         self.project = project
@@ -84,9 +89,15 @@ class ProgressReporter:
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
+        self.steps: dict[str, dict] = {}
 
     def __call__(self, update: dict) -> None:
-        update = {k: v for k, v in update.items() if _jsonable(v)}
+        step = update.get("step")
+        if isinstance(step, dict) and step.get("name"):
+            self.steps[str(step["name"])] = {"done": step.get("done"),
+                                             "total": step.get("total")}
+        update = {k: v for k, v in update.items() if _jsonable(v) and k != "step"}
+        update["steps"] = {name: dict(value) for name, value in self.steps.items()}
         phase = update.get("phase")
         now = time.monotonic()
         changed = phase is not None and phase != self._last_phase

@@ -5,6 +5,7 @@ tasks are held out."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,20 +15,44 @@ from .labels import IGNORE_INDEX
 
 @dataclass
 class PoolItem:
-    """One image task of the project and what the cycle knows about it."""
+    """One image task of the project and what the cycle knows about it. Shaped like
+    `model.data.Sample` (`name`, `image`, `mask`), so training and scoring take it as is.
+
+    The decoded image is not kept: `image` asks `reader` (`pool_images.PoolImages`: the
+    disk cache, a few recent images in memory) each time, so a pool of any size costs
+    memory per batch, not per task. `held` is an image kept in memory instead (tests)."""
 
     task: dict
     url: str
-    image: np.ndarray | None = None
+    held: np.ndarray | None = None
     mask: np.ndarray | None = None  # merged labels, 255 = unlabelled
     full: bool = False  # has a usable whole-image annotation
     holdout: bool = False
     regions: list[dict] = field(default_factory=list)  # region tasks on this image
     fingerprint: list = field(default_factory=list)
+    shape: tuple[int, int] | None = None  # (height, width), known once the image loaded
+    reader: Callable[[PoolItem], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if self.held is not None and self.shape is None:
+            self.shape = tuple(self.held.shape[:2])
 
     @property
     def id(self) -> int:
         return int(self.task["id"])
+
+    @property
+    def name(self) -> str:
+        return str(self.id)
+
+    @property
+    def image(self) -> np.ndarray:
+        """uint8 H x W x 3, read when asked (see the class)."""
+        if self.held is not None:
+            return self.held
+        if self.reader is None:
+            raise RuntimeError(f"task {self.id}: image not loaded")
+        return self.reader(self)
 
     @property
     def labelled(self) -> bool:

@@ -96,6 +96,7 @@ class Settings:
     regions_per_image: int = 4
     regions_per_cycle: int = 20
     keep_versions: int = 5
+    prediction_versions: int = 2
     cycle_budget: int = 2400
     cold_start_budget: int = 300
     first_version: bool = True
@@ -149,6 +150,7 @@ class Settings:
             "regions_per_image": read.integer("REGIONS_PER_IMAGE", 4, minimum=1),
             "regions_per_cycle": read.integer("REGIONS_PER_CYCLE", 20, minimum=0),
             "keep_versions": read.integer("KEEP_VERSIONS", 5, minimum=1),
+            "prediction_versions": read.integer("PREDICTION_VERSIONS", 2, minimum=0),
             "cycle_budget": read.integer("CYCLE_BUDGET", 2400, minimum=0),
             "cold_start_budget": read.integer("COLD_START_BUDGET", 300, minimum=0),
             "first_version": read.boolean("FIRST_VERSION", True),

@@ -1,9 +1,20 @@
 """Label Studio through label-studio-sdk 2.x: the few calls an active-learning cycle needs.
 
 - `Studio.project(id)`: the project (label config, model version).
-- `Studio.iter_tasks(id)`: every task with its annotations and predictions, paged
-  (`GET /api/tasks/?project=&fields=all&page=`; a page past the end is Label Studio's 404,
-  which the SDK's pager takes as the end).
+- `Studio.iter_tasks(id)`: every task with its annotations and the model versions of its
+  predictions, not the predictions themselves, paged (`GET /api/tasks/?project=&fields=all
+  &include=<CYCLE_FIELDS>&page=`; a page past the end is Label Studio's 404, which the
+  SDK's pager takes as the end). `fields=all` is what makes Label Studio 1.23 serialize
+  annotations at all; `include` is its sparse-fields parameter (drf-flex-fields under
+  another name), so the old versions' prediction results, ~70-140 KB a task each, never
+  leave the server. The annotations' serializer reads the same `include` (it is built
+  without a parent), so it names the annotation fields a cycle reads too.
+  `predictions_model_versions` is the Data Manager's column: the distinct versions,
+  comma-separated, cut at 500 characters (`task_model_versions`). Checked against the
+  real server in tests/e2e/test_light_read.py.
+- `Studio.model_versions(id)` / `Studio.delete_model_version(id, version)`: the project's
+  prediction versions with their counts, and every prediction of one version deleted in
+  one request (`GET` / `DELETE /api/projects/<id>/model-versions/`).
 - `Studio.import_tasks(id, tasks)`: new tasks with their predictions in one request
   (`POST /api/projects/<id>/import?return_task_ids=true`), never retried inside the call:
   a retry after a lost reply could create the tasks twice, so retries belong to the caller,
@@ -32,6 +43,11 @@ from .settings import redact_url
 log = logging.getLogger(__name__)
 
 NO_RETRY = {"max_retries": 0}
+# what a cycle reads of each task and of its annotations (see the module docstring)
+CYCLE_FIELDS = ("id,data,annotations,predictions_model_versions,"
+                "result,was_cancelled,ground_truth,updated_at")
+TASK_FIELDS = "id,data,is_labeled,total_annotations"  # full=False: region ids, the board
+VERSIONS_CUT = 500  # Label Studio's CHAR_LIMITS on the versions column
 
 
 class StudioError(RuntimeError):
@@ -117,18 +133,18 @@ class Studio:
 
     def iter_tasks(self, project_id: int, full: bool = True) -> Iterator[dict]:
         """Every task of the project, page by page, as dicts with `id`, `data`,
-        `annotations` and `predictions` (Label Studio's own JSON). `full=False` asks for
-        the tasks without annotations and predictions (lighter)."""
+        `annotations` and `predictions_model_versions` (Label Studio's own JSON; never the
+        predictions). `full=False` asks for TASK_FIELDS only (lighter)."""
         what = f"GET api/tasks/?project={project_id}"
+        extra = {"fields": "all", "include": CYCLE_FIELDS} if full else {
+            "fields": "task_only", "include": TASK_FIELDS}
         try:
-            pager = self.client.tasks.list(
-                project=project_id, fields="all" if full else "task_only",
-                page_size=self.page_size,
-            )
+            pager = self.client.tasks.list(project=project_id, page_size=self.page_size,
+                                           **extra)
             for task in pager:
                 item = _plain(task)
-                item.setdefault("annotations", [])
-                item.setdefault("predictions", [])
+                if full:
+                    item.setdefault("annotations", [])
                 yield item
         except (ApiError, httpx.HTTPError) as exc:
             raise self._error(what, exc) from exc
@@ -136,7 +152,41 @@ class Studio:
     def tasks(self, project_id: int, full: bool = True) -> list[dict]:
         return list(self.iter_tasks(project_id, full))
 
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        """{model_version: number of predictions} over the project's predictions."""
+        reply = self._raw(f"GET api/projects/{project_id}/model-versions/", "GET",
+                          f"api/projects/{project_id}/model-versions/")
+        if not isinstance(reply, dict):
+            raise StudioError(f"Label Studio's model-versions reply is not an object: "
+                              f"{str(reply)[:200]}")
+        return {str(k): int(v or 0) for k, v in reply.items()}
+
     # ------------------------------------------------------------------ writes
+    def delete_model_version(self, project_id: int, version: str) -> int:
+        """Delete every prediction of `version` in the project; returns how many."""
+        if not version:  # Label Studio would refuse it; never "every prediction"
+            raise ValueError("a model version to delete is required")
+        reply = self._raw(f"DELETE api/projects/{project_id}/model-versions/ ({version})",
+                          "DELETE", f"api/projects/{project_id}/model-versions/",
+                          json={"model_version": version})
+        if not isinstance(reply, dict):  # 1.23: {"deleted_predictions": n}
+            raise StudioError(f"Label Studio's model-versions delete reply is not an "
+                              f"object: {str(reply)[:200]}")
+        return int(reply.get("deleted_predictions") or 0)
+
+    def _raw(self, what: str, method: str, path: str, json: Any = None) -> Any:
+        """A call the SDK has no method for, through its own HTTP client (auth, base URL,
+        PAT refresh), never retried inside."""
+        try:
+            response = self.client._client_wrapper.httpx_client.request(
+                path, method=method, json=json, request_options=NO_RETRY)
+        except httpx.HTTPError as exc:
+            raise self._error(what, exc) from exc
+        if not 200 <= response.status_code < 300:
+            raise StudioError(f"Label Studio refused {what} ({response.status_code}): "
+                              f"{response.text[:500]}", response.status_code)
+        return response.json() if response.content else None
+
     def import_tasks(self, project_id: int, tasks: Sequence[dict]) -> list[int]:
         """Create tasks (each `{"data": {...}, "predictions": [...]}`); returns their ids.
         One request, no retry inside (see the module docstring)."""
@@ -191,3 +241,15 @@ class Studio:
             request_options=NO_RETRY,
         )
         return int(prediction.id)
+
+
+def task_model_versions(task: dict) -> set[str]:
+    """The model versions a task holds predictions of, from `predictions_model_versions`
+    (`"v1,v2"` on SQLite, `"v1, v2"` on PostgreSQL). Label Studio cuts the column at 500
+    characters: the part after the last comma of a cut column is dropped, so a version
+    may be missing (its task is then pushed again), never made up."""
+    text = str(task.get("predictions_model_versions") or "")
+    parts = text.split(",")
+    if len(text) >= VERSIONS_CUT:
+        parts = parts[:-1]
+    return {part.strip() for part in parts if part.strip()}

@@ -5,10 +5,16 @@ with the response shapes of Label Studio's own views (read from label-studio 1.2
 
 - `GET  /api/projects/<id>/`                      project (label_config, model_version, ...)
 - `PATCH /api/projects/<id>/`                     update fields (model_version)
-- `GET  /api/tasks/?project=&page=&page_size=&fields=all`
+- `GET  /api/tasks/?project=&page=&page_size=&fields=all&include=`
       `{"tasks": [...], "total", "total_annotations", "total_predictions"}`; a page past
       the end is a 404 `{"detail": "Invalid page."}` (Django REST framework's paginator),
-      which the SDK's pager treats as the end.
+      which the SDK's pager treats as the end. Annotations and predictions only with
+      `fields=all` (then also `predictions_model_versions`, comma-separated as SQLite's
+      GROUP_CONCAT gives it); `include=a,b` keeps only those fields (drf-flex-fields),
+      of the tasks and of their annotations alike, as Label Studio 1.23 does.
+- `GET  /api/projects/<id>/model-versions/`       `{version: count}`
+- `DELETE /api/projects/<id>/model-versions/`     `{"model_version"}` ->
+      `{"deleted_predictions": n}`
 - `GET  /api/tasks/<id>/`                         one task with annotations and predictions
 - `POST /api/projects/<id>/import?return_task_ids=true`   a JSON list of tasks, each
       `{"data": ..., "predictions": [...]}`; 201 with the Community edition's counts
@@ -19,7 +25,8 @@ with the response shapes of Label Studio's own views (read from label-studio 1.2
 
 Authentication is Label Studio's legacy token: `Authorization: Token <key>`, else 401.
 Failures can be injected per path prefix (`fail(...)`) to play an unreachable or refusing
-server. Every request is recorded in `requests` for assertions.
+server. Every request is recorded in `requests` for assertions, with the bytes of its body
+(`sent`: what the client wrote) and of the reply (`received`: what the client read).
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class RecordedRequest:
     query: dict
     json: Any
     status: int = 0
+    sent: int = 0
+    received: int = 0
 
 
 @dataclass
@@ -258,7 +267,8 @@ class FakeStudio:
             except Exception:  # pragma: no cover
                 payload = None
             studio.requests.append(
-                RecordedRequest(request.method, request.path, request.args.to_dict(), payload)
+                RecordedRequest(request.method, request.path, request.args.to_dict(), payload,
+                                sent=len(request.get_data()))
             )
             injected = studio._injected()
             if injected is not None:
@@ -275,6 +285,8 @@ class FakeStudio:
                     response = injected
             if studio.requests:
                 studio.requests[-1].status = response.status_code
+                if not response.direct_passthrough:
+                    studio.requests[-1].received = len(response.get_data())
             return response
 
         def project_or_404(pid: int) -> dict:
@@ -317,19 +329,39 @@ class FakeStudio:
                 if page < 1 or page > pages:
                     return jsonify(detail="Invalid page."), 404
                 chunk = tasks[(page - 1) * page_size : page * page_size]
-                out = []
-                for t in chunk:
-                    item = json.loads(json.dumps(t))
-                    if not full:
-                        item.pop("annotations")
-                        item.pop("predictions")
-                    out.append(item)
+                include = [f for f in args.get("include", "").split(",") if f]
+                out = [_task_view(t, full, include) for t in chunk]
                 return jsonify(
                     tasks=out,
                     total=len(tasks),
                     total_annotations=sum(t["total_annotations"] for t in tasks),
                     total_predictions=sum(t["total_predictions"] for t in tasks),
                 )
+
+        @app.get("/api/projects/<int:pid>/model-versions/")
+        def model_versions(pid):
+            with studio._lock:
+                project_or_404(pid)
+                counts: dict[str, int] = {}
+                for task in studio.project_tasks(pid):
+                    for pred in task["predictions"]:
+                        counts[pred["model_version"]] = counts.get(pred["model_version"], 0) + 1
+                return jsonify(counts)
+
+        @app.delete("/api/projects/<int:pid>/model-versions/")
+        def delete_model_version(pid):
+            with studio._lock:
+                project_or_404(pid)
+                version = (request.get_json(silent=True) or {}).get("model_version")
+                if not version:
+                    return jsonify(["model_version param is required"]), 400
+                count = 0
+                for task in studio.project_tasks(pid):
+                    kept = [p for p in task["predictions"] if p["model_version"] != version]
+                    count += len(task["predictions"]) - len(kept)
+                    task["predictions"] = kept
+                    studio._recount(task)
+                return jsonify(deleted_predictions=count)
 
         @app.get("/api/tasks/<int:tid>/")
         def get_task(tid):
@@ -424,6 +456,23 @@ class FakeStudio:
             return Response(content, 200, mimetype=mimetype)
 
         return app
+
+
+def _task_view(task: dict, full: bool, include: list[str]) -> dict:
+    """A task as the list shows it (see the module docstring)."""
+    item = json.loads(json.dumps(task))
+    if full:
+        item["predictions_model_versions"] = ",".join(
+            sorted({p["model_version"] for p in task["predictions"]}))
+    else:
+        item.pop("annotations")
+        item.pop("predictions")
+    if include:
+        item = {k: v for k, v in item.items() if k in include}
+        if "annotations" in item:
+            item["annotations"] = [{k: v for k, v in a.items() if k in include}
+                                   for a in item["annotations"]]
+    return item
 
 
 def _prediction_errors(label_config: str, predictions: list) -> list[str]:

@@ -9,6 +9,11 @@ the growth from one N to the next. Not a test (20,000 tasks take minutes).
 
     nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.cycle_scale \\
         --tasks 1000,5000,20000 --json benchmarks/results/cycle-scale.json
+
+`--workers 1,2` runs each cycle in worker mode instead: that many
+`python -m s4al_backend.worker` processes on a Redis (`--redis-url`), one of which takes
+the cycle while the others help with its pool chunks (`s4al_backend.chunk_jobs`); the
+row adds the chunks each helper ran and every worker's peak RSS.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +132,10 @@ def cycle(args) -> None:
 
 
 # --------------------------------------------------------------------------- driver
-def measure(tasks: int, annotated: int, versions: int) -> dict:
+def measure(tasks: int, annotated: int, versions: int, workers: int = 0,
+            redis_url: str = "", chunk: int = 200) -> dict:
     me = [sys.executable, "-m", "benchmarks.cycle_scale"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCORE_CHUNK": str(chunk)}
     server = subprocess.Popen([*me, "serve", "--tasks", str(tasks), "--annotated",
                                str(annotated), "--versions", str(versions)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -137,12 +144,15 @@ def measure(tasks: int, annotated: int, versions: int) -> dict:
         from tests.fake_studio import FakeStudio
 
         with tempfile.TemporaryDirectory() as model_dir:
-            done = subprocess.run([*me, "cycle", "--url", url, "--project", project,
-                                   "--key", FakeStudio.api_key, "--model-dir", model_dir],
-                                  capture_output=True, text=True, env=env, check=False)
-        if done.returncode:
-            raise SystemExit(f"cycle failed for N={tasks}:\n{done.stderr[-3000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+            if workers:
+                result = worker_cycle(url, int(project), model_dir, workers, redis_url, env)
+            else:
+                done = subprocess.run([*me, "cycle", "--url", url, "--project", project,
+                                       "--key", FakeStudio.api_key, "--model-dir", model_dir],
+                                      capture_output=True, text=True, env=env, check=False)
+                if done.returncode:
+                    raise SystemExit(f"cycle failed for N={tasks}:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
         server.stdin.write("bytes\n")
         server.stdin.flush()
         result["traffic"] = json.loads(server.stdout.readline())
@@ -150,23 +160,91 @@ def measure(tasks: int, annotated: int, versions: int) -> dict:
         server.stdin.close()
         server.terminate()
         server.wait(30)
-    return {"tasks": tasks, "annotated": annotated, "past_versions": versions, **result}
+    return {"tasks": tasks, "annotated": annotated, "past_versions": versions,
+            "workers": workers, "score_chunk": chunk, **result}
+
+
+def worker_cycle(url: str, project: int, model_dir: str, workers: int, redis_url: str,
+                 env: dict) -> dict:
+    """One cycle through the Redis queue with `workers` worker processes."""
+    import redis
+    from rq import Queue
+    from rq.job import Job
+
+    from s4al_backend.redis_jobs import RedisJobs
+    from s4al_backend.settings import Settings
+    from tests.fake_studio import FakeStudio
+
+    queue = f"scale-{uuid.uuid4().hex[:8]}"
+    cycle_env = {**env, **SCHEDULE, "LABEL_STUDIO_URL": url,
+                 "LABEL_STUDIO_API_KEY": FakeStudio.api_key, "MODEL_DIR": model_dir,
+                 "IMAGE_CACHE_MB": "4096", "REDIS_URL": redis_url, "QUEUE_NAME": queue,
+                 "LOG_LEVEL": "WARNING"}
+    logs = [tempfile.TemporaryFile("w+") for _ in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "s4al_backend.worker", "--name",
+                               f"{queue}-w{i}"], env=cycle_env, stdout=log,
+                              stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        _wait(lambda: len(connection.smembers(f"rq:workers:{queue}")) == workers, 120)
+        jobs = RedisJobs(Settings.from_env(cycle_env), retry_intervals=())
+        started = time.monotonic()
+        job_id = jobs.request_cycle(project, "benchmark")["job_id"]
+        job = Job.fetch(job_id, connection=connection)
+        _wait(lambda: job.get_status(refresh=True).value in ("finished", "failed"), 7200)
+        seconds = time.monotonic() - started
+        if job.get_status().value != "finished":
+            logs[0].seek(0)
+            raise SystemExit(f"cycle failed: {jobs.status(project)['last']}\n"
+                             f"{logs[0].read()[-3000:]}")
+        result = job.return_value()
+        helpers = Queue(f"{queue}-chunks", connection=connection)
+        helped = [Job.fetch(i, connection=connection).return_value()["chunks"]
+                  for i in helpers.finished_job_registry.get_job_ids()]
+        peaks = [_peak_rss_mb(p.pid) for p in procs]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+    return {"seconds": round(seconds, 2), "peak_rss_mb": max(peaks),
+            "worker_peak_rss_mb": peaks, "helper_chunks": helped,
+            "timings": result["timings"], "predictions_pushed": result["predictions_pushed"],
+            "regions_created": result.get("regions_created"),
+            "deleted": result.get("prediction_versions_deleted")}
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out")
+        time.sleep(0.5)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| N | past versions | API read | tasks read | API written | images read | "
-             "peak RSS MB | s total | read | images | train | acquire | push |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | past versions | workers | API read | tasks read | API written | "
+             "images read | peak RSS MB | s total | read | images | train | acquire | push |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         t, s = row["traffic"], row["timings"]
         lines.append(
-            f"| {row['tasks']:,} | {row['past_versions']} | {_mb(t['api_read'])} | "
+            f"| {row['tasks']:,} | {row['past_versions']} | {_workers(row)} | "
+            f"{_mb(t['api_read'])} | "
             f"{_mb(t['tasks_read'])} | {_mb(t['api_written'])} | {_mb(t['image_read'])} | "
             f"{row['peak_rss_mb']} | {row['seconds']} | {s.get('read_s')} | "
             f"{s.get('images_s')} | {s.get('train_s')} | {s.get('acquire_s')} | "
             f"{s.get('push_s')} |")
     for before, after in zip(rows, rows[1:], strict=False):
-        if before["past_versions"] != after["past_versions"]:
+        if (before["past_versions"], before.get("workers")) != (
+                after["past_versions"], after.get("workers")):
             continue
         scale = after["tasks"] / before["tasks"]
         lines.append(
@@ -176,6 +254,13 @@ def report(rows: list[dict]) -> str:
             f"x{after['traffic']['api_read'] / before['traffic']['api_read']:.2f}, "
             f"written x{after['traffic']['api_written'] / before['traffic']['api_written']:.2f}")
     return "\n".join(lines)
+
+
+def _workers(row: dict) -> str:
+    if not row.get("workers"):
+        return "in-process"
+    helped = row.get("helper_chunks") or []
+    return f"{row['workers']} (helpers ran {sum(helped)} chunks)"
 
 
 def _mb(value: int) -> str:
@@ -197,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="1000,5000,20000")
     parser.add_argument("--versions", default="3", help="past versions per run, e.g. 0,3")
     parser.add_argument("--annotated", type=int, default=5)
+    parser.add_argument("--workers", default="0",
+                        help="worker processes per run, e.g. 1,2 (0: the cycle in-process)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
+    parser.add_argument("--score-chunk", type=int, default=200, help="SCORE_CHUNK")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -204,10 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "cycle":
         return cycle(args)
     rows = []
-    for versions in (int(v) for v in args.versions.split(",")):
-        for tasks in (int(n) for n in args.tasks.split(",")):
-            rows.append(measure(tasks, args.annotated, versions))
-            print(json.dumps(rows[-1]), flush=True)
+    for workers in (int(w) for w in args.workers.split(",")):
+        for versions in (int(v) for v in args.versions.split(",")):
+            for tasks in (int(n) for n in args.tasks.split(",")):
+                rows.append(measure(tasks, args.annotated, versions, workers,
+                                    args.redis_url, args.score_chunk))
+                print(json.dumps(rows[-1]), flush=True)
     print(report(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

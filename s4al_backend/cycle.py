@@ -71,6 +71,7 @@ import numpy as np
 from . import history
 from . import store as store_module
 from .acquire import Acquisition, prediction_targets
+from .chunk_jobs import chunk_runner
 from .first_version import FirstVersion
 from .labels import IGNORE_INDEX, LabelMap, annotation_to_mask
 from .pool import PoolItem, holdout_score, integer_id, is_region_task, pick_annotation
@@ -317,8 +318,9 @@ class Cycle:
             return [], 0, 0
         student, served, state = outcome.student, outcome.served, outcome.state
         if served is None:
-            student, served, state = self.load_models(version)
-        acquisition = Acquisition(self.settings, self.studio, self.project, self.progress)
+            student, served, state = self.store.networks(version, self.settings.resolve_device())
+        acquisition = Acquisition(self.settings, self.studio, self.project, self.progress,
+                                  chunk_runner(self.settings, self.project))
         return acquisition.run(label_map, pool, student, served, version, select=not acquired,
                                have=have, state=state)
 
@@ -466,17 +468,6 @@ class Cycle:
             log.warning("project %s: checkpoint %s unreadable (%s): training from the "
                         "backbone", self.project, version, exc)
             return None
-
-    def load_models(self, version: str):
-        model, meta = self.store.load(version, self.settings.resolve_device())
-        state = meta.get("train_state") or {}
-        student = model
-        if state.get("student"):
-            from model.network import network_from_weights
-
-            student = network_from_weights(state["student"], len(meta["classes"]),
-                                           self.settings.resolve_device())
-        return student, model, state
 
     def train_config(self, warm: bool):
         from model.config import TrainConfig

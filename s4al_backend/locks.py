@@ -56,9 +56,14 @@ class RedisLock:
     def acquire(self) -> bool:
         if not self.connection.set(self.key, self.token, nx=True, px=int(self.ttl * 1000)):
             return False
+        self.hold()
+        return True
+
+    def hold(self) -> None:
+        """Keep renewing a key this token already holds (set by a script that took it
+        together with other work, e.g. chunk_jobs' claim of a chunk)."""
         self._held = True
         self._thread.start()
-        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.ttl / 3):

@@ -97,6 +97,8 @@ class Settings:
     regions_per_cycle: int = 20
     keep_versions: int = 5
     prediction_versions: int = 2
+    score_chunk: int = 200
+    chunk_helpers: int = 16
     cycle_budget: int = 2400
     cold_start_budget: int = 300
     first_version: bool = True
@@ -151,6 +153,8 @@ class Settings:
             "regions_per_cycle": read.integer("REGIONS_PER_CYCLE", 20, minimum=0),
             "keep_versions": read.integer("KEEP_VERSIONS", 5, minimum=1),
             "prediction_versions": read.integer("PREDICTION_VERSIONS", 2, minimum=0),
+            "score_chunk": read.integer("SCORE_CHUNK", 200, minimum=1),
+            "chunk_helpers": read.integer("CHUNK_HELPERS", 16, minimum=0),
             "cycle_budget": read.integer("CYCLE_BUDGET", 2400, minimum=0),
             "cold_start_budget": read.integer("COLD_START_BUDGET", 300, minimum=0),
             "first_version": read.boolean("FIRST_VERSION", True),

@@ -239,6 +239,18 @@ class ModelStore:
             raise FileNotFoundError(f"no current model version in {self.root}")
         return load_checkpoint(self.path(version), device)
 
+    def networks(self, version: str, device: str = "cpu"):
+        """``(student, served, train_state)`` of ``version``: the served network, and the
+        student from its train state (the served one when the state has none)."""
+        model, meta = self.load(version, device)
+        state = meta.get("train_state") or {}
+        student = model
+        if state.get("student"):
+            from model.network import network_from_weights
+
+            student = network_from_weights(state["student"], len(meta["classes"]), device)
+        return student, model, state
+
 
 def shared_store(model_dir: str | Path, keep: int = 5) -> ModelStore:
     return ModelStore(Path(model_dir), keep)

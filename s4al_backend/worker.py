@@ -1,7 +1,9 @@
 """A training worker: `python -m s4al_backend.worker` (REDIS_URL must be set).
 
-It is an RQ `SimpleWorker` on QUEUE_NAME: jobs run in the worker process itself, never in
-a fork (a forked job can deadlock inside torch's thread pool).
+It is an RQ `SimpleWorker` on QUEUE_NAME, and before it on the chunk queues through which
+a running cycle hands out its pool scoring (`chunk_jobs`; a GPU worker also on the GPU
+one): jobs run in the worker process itself, never in a fork (a forked job can deadlock
+inside torch's thread pool).
 It also runs RQ's scheduler, which the retries with backoff need, in a thread of its own
 (RQ's `--with-scheduler` forks a child that outlives a SIGKILLed worker). When Redis goes
 away, even mid-job, the worker waits for it with backoff and carries on. Start any
@@ -28,6 +30,7 @@ import redis
 from rq.scheduler import RQScheduler
 from rq.worker import SimpleWorker
 
+from .chunk_jobs import worker_queues
 from .settings import Settings, SettingsError, redact_url
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,10 @@ def serve(settings: Settings, args: argparse.Namespace, connection) -> int:
 
     queue = Queue(settings.queue_name, connection=connection,
                   default_timeout=settings.job_timeout)
+    # chunk queues first: a free worker helps a running cycle (chunk_jobs) before it
+    # starts another
+    queues = [Queue(name, connection=connection, default_timeout=settings.job_timeout)
+              for name in worker_queues(settings.queue_name, settings.resolve_device())]
     scheduler = None if args.no_scheduler else SchedulerThread([queue], connection)
     if scheduler is not None and args.burst:
         scheduler.tick()  # retries already due, then the burst
@@ -151,10 +158,10 @@ def serve(settings: Settings, args: argparse.Namespace, connection) -> int:
     try:
         for attempt in itertools.count():
             name = args.name if attempt == 0 or not args.name else f"{args.name}-{attempt}"
-            worker = StoppableWorker([queue], connection=connection, name=name)
-            log.info("worker %s on queue %r at %s (method %s, device %s)", worker.name,
-                     settings.queue_name, redact_url(settings.redis_url), settings.method,
-                     settings.device)
+            worker = StoppableWorker(queues, connection=connection, name=name)
+            log.info("worker %s on queues %s at %s (method %s, device %s)", worker.name,
+                     ", ".join(q.name for q in queues), redact_url(settings.redis_url),
+                     settings.method, settings.device)
             try:
                 worker.work(burst=args.burst, max_jobs=args.max_jobs,
                             logging_level=settings.log_level)

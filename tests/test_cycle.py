@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from s4al_backend import jobs
-from s4al_backend.acquire import Acquisition
+from s4al_backend.acquire import rectangle
 from s4al_backend.cycle import Cycle, run_cycle
 from s4al_backend.labels import IGNORE_INDEX, LabelMap, mask_to_results
 from s4al_backend.pool import region_id
@@ -378,7 +378,7 @@ def test_sigkilled_worker_leaves_the_version_unchanged(studio, tmp_path, redis_e
 
 def test_cycle_region_ids_are_deterministic():
     assert region_id(12, 30, 60, 10, 10) == "t12-x30-y60-w10-h10"
-    assert Acquisition.rectangle(LabelMap.from_config(
+    assert rectangle(LabelMap.from_config(
         '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
         '<Label value="A"/></BrushLabels><RectangleLabels name="region" toName="image">'
         '<Label value="Region"/></RectangleLabels></View>'), (120, 160), 16, 12, 8, 6)[

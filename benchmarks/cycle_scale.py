@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-HEIGHT, WIDTH = 32, 48
+SIZE = (32, 48)  # height, width of every task image (--image-size)
 CLASSES = ["Sky", "Road", "Car"]
 SCHEDULE = {  # short: the cycle's I/O, not its training, is measured
     "TRAIN_ITERATIONS": "6", "COLD_START_ITERATIONS": "3", "TRAIN_CROP": "32",
@@ -45,16 +45,17 @@ SCHEDULE = {  # short: the cycle's I/O, not its training, is measured
 
 
 # --------------------------------------------------------------------------- the studio
-def png(seed: int) -> bytes:
+def png(seed: int, size: tuple[int, int] = SIZE) -> bytes:
     from PIL import Image
 
-    pixels = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 3), np.uint8)
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
 
 
-def build_project(studio, tasks: int, annotated: int, versions: int) -> int:
+def build_project(studio, tasks: int, annotated: int, versions: int,
+                  size: tuple[int, int] = SIZE) -> int:
     """N tasks (8 distinct images under N URLs: the cache is keyed by URL), `annotated`
     of them with a brush annotation, each with a prediction of `versions` past versions."""
     from s4al_backend.labels import LabelMap, mask_to_results
@@ -63,12 +64,12 @@ def build_project(studio, tasks: int, annotated: int, versions: int) -> int:
     config = camvid_label_config(CLASSES)
     label_map = LabelMap.from_config(config)
     project = studio.add_project(config, title=f"scale {tasks}")
-    images = [png(seed) for seed in range(8)]
+    images = [png(seed, size) for seed in range(8)]
     rng = np.random.default_rng(0)
-    mask = rng.integers(0, len(CLASSES), (HEIGHT, WIDTH))
+    mask = rng.integers(0, len(CLASSES), size)
     annotation = mask_to_results(mask, label_map)
-    old = [{"result": mask_to_results(rng.integers(0, len(CLASSES), (HEIGHT, WIDTH)),
-                                      label_map, np.full((HEIGHT, WIDTH), 0.5)),
+    old = [{"result": mask_to_results(rng.integers(0, len(CLASSES), size),
+                                      label_map, np.full(size, 0.5)),
             "score": 0.5, "model_version": f"v{seq:04d}-20260101-00000{seq}"}
            for seq in range(1, versions + 1)]
     for index in range(tasks):
@@ -86,7 +87,8 @@ def serve(args) -> None:
     from tests.fake_studio import FakeStudio
 
     studio = FakeStudio(page_size_max=100)
-    project = build_project(studio, args.tasks, args.annotated, args.versions)
+    project = build_project(studio, args.tasks, args.annotated, args.versions,
+                            parse_size(args.image_size))
     studio.start()
     print(studio.url, project, flush=True)
     for line in sys.stdin:
@@ -133,11 +135,12 @@ def cycle(args) -> None:
 
 # --------------------------------------------------------------------------- driver
 def measure(tasks: int, annotated: int, versions: int, workers: int = 0,
-            redis_url: str = "", chunk: int = 200) -> dict:
+            redis_url: str = "", chunk: int = 200, size: str = "32x48") -> dict:
     me = [sys.executable, "-m", "benchmarks.cycle_scale"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCORE_CHUNK": str(chunk)}
     server = subprocess.Popen([*me, "serve", "--tasks", str(tasks), "--annotated",
-                               str(annotated), "--versions", str(versions)],
+                               str(annotated), "--versions", str(versions),
+                               "--image-size", size],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         url, project = server.stdout.readline().split()
@@ -161,7 +164,12 @@ def measure(tasks: int, annotated: int, versions: int, workers: int = 0,
         server.terminate()
         server.wait(30)
     return {"tasks": tasks, "annotated": annotated, "past_versions": versions,
-            "workers": workers, "score_chunk": chunk, **result}
+            "workers": workers, "score_chunk": chunk, "image_size": size, **result}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    return int(height), int(width)
 
 
 def worker_cycle(url: str, project: int, model_dir: str, workers: int, redis_url: str,
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--tasks", type=int, required=True)
         p.add_argument("--annotated", type=int, default=5)
         p.add_argument("--versions", type=int, default=3)
+        p.add_argument("--image-size", default="32x48")
     p = sub.add_parser("cycle")
     for flag in ("--url", "--key", "--model-dir"):
         p.add_argument(flag, required=True)
@@ -286,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="worker processes per run, e.g. 1,2 (0: the cycle in-process)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
     parser.add_argument("--score-chunk", type=int, default=200, help="SCORE_CHUNK")
+    parser.add_argument("--image-size", default="32x48", help="HEIGHTxWIDTH of every task image")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         for versions in (int(v) for v in args.versions.split(",")):
             for tasks in (int(n) for n in args.tasks.split(",")):
                 rows.append(measure(tasks, args.annotated, versions, workers,
-                                    args.redis_url, args.score_chunk))
+                                    args.redis_url, args.score_chunk, args.image_size))
                 print(json.dumps(rows[-1]), flush=True)
     print(report(rows))
     if args.json:

@@ -11,7 +11,8 @@ number, on any number of machines sharing the Redis and MODEL_DIR; a project is 
 trained by two at once (see s4al_backend.redis_jobs). Close to rq's own command line (which
 neither reconnects nor keeps its scheduler in the process):
 
-    rq worker -w rq.worker.SimpleWorker --with-scheduler --url "$REDIS_URL" "$QUEUE_NAME"
+    rq worker -w rq.worker.SimpleWorker --with-scheduler --url "$REDIS_URL" \
+        "$QUEUE_NAME-chunks" "$QUEUE_NAME"
 
 Every worker reads the same environment as the web service (LABEL_STUDIO_URL,
 LABEL_STUDIO_API_KEY, MODEL_DIR, METHOD, TRAIN_*, ...).

@@ -48,6 +48,8 @@ def prediction_targets(pool: dict[int, PoolItem]) -> set[int]:
 
 def region_prediction(task_id: int, label_map: LabelMap, classes: np.ndarray,
                       confidence: np.ndarray, region: dict, version: str) -> dict:
+    """The served model's pre-labels inside one region (a region task's prediction), with
+    the region as a rectangle when the config reserves a control for it."""
     x, y, w, h = region["x"], region["y"], region["w"], region["h"]
     inside = np.full(classes.shape, IGNORE_INDEX, dtype=np.int64)
     inside[y:y + h, x:x + w] = classes[y:y + h, x:x + w]
@@ -57,6 +59,7 @@ def region_prediction(task_id: int, label_map: LabelMap, classes: np.ndarray,
     return {"task": task_id, "result": result,
             "score": round(float(confidence[y:y + h, x:x + w].mean()), 4),
             "model_version": version}
+
 
 def rectangle(label_map: LabelMap, shape, x: int, y: int, w: int, h: int) -> dict:
     height, width = shape

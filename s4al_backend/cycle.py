@@ -43,7 +43,9 @@
    a full annotation and every open region task gets a prediction of the new version
    (result + score = mean confidence; `acquire.prediction_targets`: fully annotated tasks
    need no pre-label), sent in chunks (acquire.PREDICTION_CHUNK) while the pool is scored
-   (memory stays bounded; a retry skips the tasks that already hold one). Why push: the
+   (memory stays bounded; a retry skips the tasks that already hold one). Scoring and
+   pushing go chunk by chunk (SCORE_CHUNK images), in worker mode also on other free
+   workers (`chunk_jobs`). Why push: the
    cycle computes these probabilities anyway to score the pool; Label Studio asks
    `/predict` only lazily (a task opened, or a manual "retrieve predictions"); and the Data
    Manager's sort by prediction score (uncertainty order) needs a score of the current

@@ -145,7 +145,9 @@ def test_progress_bar_moves_while_a_cycle_runs(browser, studio, tmp_path):
     names = sorted(p.name for p in (CAMVID / "train").iterdir())
     pid, ids, _ = camvid_project(studio, CAMVID, annotated=names[:5])
     env = {**TINY, "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": studio.api_key,
-           "MODEL_DIR": str(tmp_path / "models"), "TRAIN_ITERATIONS": "60",
+           # long enough to be watched: CI trains ~10 it/s, and the page showed the first
+           # running bar only ~8 s after the webhook here (a 60-iteration cycle was missed)
+           "MODEL_DIR": str(tmp_path / "models"), "TRAIN_ITERATIONS": "240",
            "COLD_START_ITERATIONS": "20", "DASHBOARD_REFRESH": "1", "KEEP_VERSIONS": "2"}
     settings = Settings.from_env(env)
     seeded = seed_history(settings, pid, CLASSES, cycles=3)
